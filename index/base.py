@@ -1,0 +1,129 @@
+"""``VectorIndex``: the one interface every index implementation offers.
+
+Design rules (shared by all implementations, checked by the same tests over each):
+
+* Point ids derive from item ids (``point_id_for``: UUIDv5), so a redelivered write is harmless.
+* The payload lives in the index: item id, version, title, category path, image hashes, model id.
+  No side files.
+* Each item lives in exactly one shard: its top-level category. Moving an item to another category
+  removes it from the old shard.
+* Writes are version-guarded: a write whose version is lower than the stored one (live point or
+  tombstone) is skipped; an equal version overwrites (idempotent redelivery).
+* Deletes leave a tombstone (payload ``deleted=True`` with the delete's version) so that a late,
+  older upsert cannot resurrect the item. Tombstones never appear in search, retrieve or count.
+"""
+
+from __future__ import annotations
+
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+_NAMESPACE = uuid.UUID("8f6b3c2e-6a3e-5d7c-9c1d-7a9e0d3b1f42")
+
+# Payload keys with a meaning to the index itself.
+VERSION_KEY = "version"
+ITEM_ID_KEY = "item_id"
+DELETED_KEY = "deleted"
+
+
+def point_id_for(item_id: str) -> str:
+    """Deterministic point id (UUID string) for an item id."""
+    return str(uuid.uuid5(_NAMESPACE, item_id))
+
+
+@dataclass(frozen=True)
+class IndexPoint:
+    item_id: str
+    shard: str
+    vector: np.ndarray
+    payload: Mapping[str, Any] = field(default_factory=dict)
+    version: int = 0
+
+
+@dataclass(frozen=True)
+class IndexRecord:
+    item_id: str
+    shard: str
+    payload: dict[str, Any]
+    version: int
+    vector: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    item_id: str
+    shard: str
+    score: float
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    applied: list[str] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)
+
+
+class IndexBackendError(RuntimeError):
+    """The index refused or failed an operation (bad dimension, closed index, backend error)."""
+
+
+class VectorIndex(ABC):
+    """Sharded vector index with payloads. Vectors are L2-normalised; scores are cosine similarity."""
+
+    dim: int
+
+    @abstractmethod
+    def upsert(self, points: Sequence[IndexPoint]) -> WriteResult:
+        """Insert or replace points, skipping those older than what is stored (see module doc)."""
+
+    @abstractmethod
+    def delete(self, item_ids: Sequence[str], version: int | Sequence[int] | None = None) -> WriteResult:
+        """Delete items, leaving version tombstones. ``version=None`` deletes unconditionally
+        (tombstone version = stored version). Unknown ids are not an error: they are tombstoned too
+        when a version is given (a delete may arrive before its create)."""
+
+    @abstractmethod
+    def retrieve(self, item_ids: Sequence[str], *, with_vectors: bool = False) -> list[IndexRecord]:
+        """Live records for the ids that exist (unknown and deleted ids are omitted), in input order."""
+
+    @abstractmethod
+    def stored_versions(self, item_ids: Sequence[str]) -> dict[str, int]:
+        """Stored version per id, tombstones included (for compare-before-write by callers)."""
+
+    @abstractmethod
+    def search(
+        self,
+        vector: np.ndarray,
+        *,
+        limit: int = 10,
+        shards: Sequence[str] | None = None,
+        where: Mapping[str, Any] | None = None,
+    ) -> list[SearchHit]:
+        """Nearest live points by cosine similarity, best first, across ``shards`` (None = all:
+        scatter-gather). ``where`` matches payload keys exactly (a list value = any of)."""
+
+    @abstractmethod
+    def count(self, shard: str | None = None) -> int:
+        """Number of live points (tombstones excluded), in one shard or all."""
+
+    @abstractmethod
+    def shards(self) -> list[str]:
+        """Known shard keys, sorted."""
+
+    def flush(self) -> None:  # noqa: B027 - optional for implementations
+        """Persist pending writes (no-op where writes are durable on return)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Flush and release resources; the object is unusable afterwards."""
+
+    def __enter__(self) -> VectorIndex:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

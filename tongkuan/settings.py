@@ -1,0 +1,56 @@
+"""Typed settings, read from the environment (prefix ``TONGKUAN_``) and validated at start-up."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TONGKUAN_", extra="forbid")
+
+    # Where the embedded index and other runtime state live.
+    data_dir: Path = Field(default=REPO_ROOT / "var")
+    # Models: ONNX files and the registry live here (built by `make model`).
+    model_dir: Path = Field(default=REPO_ROOT / "models")
+    # Which registered model serves; empty = the registry's active model.
+    model: str = ""
+
+    # Image hygiene limits (bytes on the wire, decoded pixels: decompression bombs).
+    max_image_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
+    max_image_pixels: int = Field(default=40_000_000, gt=0)
+
+    # Fetching images by URL.
+    fetch_connect_timeout_s: float = Field(default=3.0, gt=0)
+    fetch_read_timeout_s: float = Field(default=10.0, gt=0)
+    fetch_max_redirects: int = Field(default=3, ge=0)
+    # Hosts/CIDRs exempt from the private-address refusal (e.g. an internal object store).
+    fetch_allow: list[str] = Field(default_factory=list)
+    # Object-store keys (no scheme) resolve below this directory in the embedded mode.
+    object_root: Path | None = None
+
+    # Vector index.
+    index_backend: Literal["edge", "qdrant"] = "edge"
+    qdrant_url: str = ""
+    qdrant_collection: str = "tongkuan"
+
+    # Ingest.
+    ingest_batch_size: int = Field(default=32, ge=1, le=1024)
+
+    # ONNX Runtime threads (0 = ORT default).
+    ort_threads: int = Field(default=0, ge=0)
+
+    @property
+    def index_dir(self) -> Path:
+        return self.data_dir / "index"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
