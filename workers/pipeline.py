@@ -1,0 +1,260 @@
+"""The catalog-side pipeline as plain functions: fetch → hash/dedup → localize+embed → upsert.
+
+``ingest_items`` is what the Celery embed task, the CLI (``tongkuan ingest``) and the demo call. It
+never raises for a bad item: each one becomes an ``ItemFailure`` with a reason code, and the rest of
+the batch goes on. Writes are version-guarded by the index, so re-running a batch is harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+from PIL import Image
+
+from events.item import CatalogItem, ItemFailure
+from index.base import IndexPoint, VectorIndex
+from vision.decode import ImageError, decode_image
+from workers.dedup import NEAR_DUP_MAX_BITS, dhash_hex, hamming, md5_hex
+from workers.fetch import FetchError, ImageFetcher
+
+log = logging.getLogger(__name__)
+
+# How many nearest catalog neighbours are checked for a near-duplicate twin (dHash distance).
+TWIN_CANDIDATES = 5
+
+
+class CatalogEmbedder(Protocol):
+    """What the pipeline needs from the vision runtime (``vision.runtime.VisionPipeline``)."""
+
+    model_id: str
+    dim: int
+
+    def embed_catalog(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray: ...
+
+
+@dataclass
+class IngestReport:
+    indexed: list[str] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    failures: list[ItemFailure] = field(default_factory=list)
+    # item id -> id of the already indexed item it duplicates (exact MD5 or near dHash)
+    duplicates: dict[str, str] = field(default_factory=dict)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    def merge(self, other: IngestReport) -> None:
+        self.indexed += other.indexed
+        self.stale += other.stale
+        self.deleted += other.deleted
+        self.failures += other.failures
+        self.duplicates.update(other.duplicates)
+        for k, v in other.stage_seconds.items():
+            self.stage_seconds[k] = self.stage_seconds.get(k, 0.0) + v
+
+
+@dataclass
+class _Prepared:
+    item: CatalogItem
+    image: Image.Image
+    md5: str
+    dhash: str
+
+
+class _Stopwatch:
+    def __init__(self, into: dict[str, float]):
+        self.into = into
+
+    def __call__(self, stage: str):
+        return _Stage(self.into, stage)
+
+
+class _Stage:
+    def __init__(self, into: dict[str, float], stage: str):
+        self.into, self.stage = into, stage
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.into[self.stage] = self.into.get(self.stage, 0.0) + time.perf_counter() - self.t0
+
+
+def ingest_items(
+    items: Sequence[CatalogItem],
+    *,
+    index: VectorIndex,
+    embedder: CatalogEmbedder,
+    fetcher: ImageFetcher,
+    max_pixels: int = 40_000_000,
+    batch_size: int = 32,
+) -> IngestReport:
+    """Index one batch of items. Fetch/decode failures are reported per item; the rest are indexed."""
+    report = IngestReport()
+    timer = _Stopwatch(report.stage_seconds)
+    items = _latest_per_item(items)
+
+    with timer("version_check"):
+        stored = index.stored_versions([it.item_id for it in items])
+    fresh: list[CatalogItem] = []
+    for it in items:
+        if it.item_id in stored and stored[it.item_id] > it.version:
+            report.stale.append(it.item_id)
+        else:
+            fresh.append(it)
+
+    prepared: list[_Prepared] = []
+    for it in fresh:
+        try:
+            with timer("fetch"):
+                data = fetcher.fetch(it.image)
+            with timer("decode"):
+                image = decode_image(data, max_bytes=fetcher.max_bytes, max_pixels=max_pixels)
+            with timer("hash"):
+                prepared.append(_Prepared(it, image, md5_hex(data), dhash_hex(image)))
+        except FetchError as e:
+            report.failures.append(ItemFailure(item_id=it.item_id, reason=e.reason, detail=e.detail))
+        except ImageError as e:
+            report.failures.append(ItemFailure(item_id=it.item_id, reason=e.reason, detail=e.detail))
+    if not prepared:
+        return report
+
+    with timer("embed"):
+        vectors = embedder.embed_catalog([p.image for p in prepared], batch_size=batch_size)
+
+    with timer("dedup"):
+        twins = _find_twins(prepared, vectors, index)
+    report.duplicates.update(twins)
+
+    points = [
+        IndexPoint(
+            item_id=p.item.item_id,
+            shard=p.item.shard,
+            vector=vectors[i],
+            version=p.item.version,
+            payload=item_payload(p.item, md5=p.md5, dhash=p.dhash, model_id=embedder.model_id,
+                                 duplicate_of=twins.get(p.item.item_id)),
+        )
+        for i, p in enumerate(prepared)
+    ]
+    with timer("upsert"):
+        result = index.upsert(points)
+    report.indexed += result.applied
+    report.stale += result.stale
+    return report
+
+
+def item_payload(
+    item: CatalogItem, *, md5: str, dhash: str, model_id: str, duplicate_of: str | None
+) -> dict:
+    payload = {
+        "item_id": item.item_id,
+        "version": item.version,
+        "title": item.title,
+        "category_path": list(item.category_path),
+        "category": item.coarse_category,
+        "image": item.image,
+        "md5": md5,
+        "dhash": dhash,
+        "model_id": model_id,
+        "indexed_at": time.time(),
+    }
+    if item.price is not None:
+        payload["price"] = item.price
+    if item.shop is not None:
+        payload["shop"] = item.shop
+    if duplicate_of is not None:
+        payload["duplicate_of"] = duplicate_of
+    return payload
+
+
+def _latest_per_item(items: Sequence[CatalogItem]) -> list[CatalogItem]:
+    """Within one batch only the highest version of an item matters (first seen wins a tie)."""
+    best: dict[str, CatalogItem] = {}
+    for it in items:
+        cur = best.get(it.item_id)
+        if cur is None or it.version > cur.version:
+            best[it.item_id] = it
+    return list(best.values())
+
+
+def _find_twins(prepared: Sequence[_Prepared], vectors: np.ndarray, index: VectorIndex) -> dict[str, str]:
+    """Link each new item to an indexed (or earlier in-batch) item with the same bytes (MD5) or a
+    near-identical picture (dHash within NEAR_DUP_MAX_BITS bits). Twins are still indexed; the query
+    side collapses them. Candidates come from the item's nearest neighbours in its own shard, since a
+    near-duplicate image is also a near neighbour in embedding space."""
+    twins: dict[str, str] = {}
+    seen_md5: dict[str, str] = {}
+    seen_dhash: list[tuple[str, str]] = []
+    for i, p in enumerate(prepared):
+        me = p.item.item_id
+        twin = seen_md5.get(p.md5) or next(
+            (other for other, h in seen_dhash if hamming(h, p.dhash) <= NEAR_DUP_MAX_BITS), None
+        )
+        if twin is None:
+            for hit in index.search(vectors[i], limit=TWIN_CANDIDATES, shards=[p.item.shard]):
+                if hit.item_id == me:
+                    continue
+                other = hit.payload
+                if other.get("md5") == p.md5 or (
+                    other.get("dhash") and hamming(other["dhash"], p.dhash) <= NEAR_DUP_MAX_BITS
+                ):
+                    twin = other.get("duplicate_of") or hit.item_id
+                    break
+        if twin is not None and twin != me:
+            twins[me] = twin
+        seen_md5.setdefault(p.md5, me)
+        seen_dhash.append((me, p.dhash))
+    return twins
+
+
+def delete_items(
+    item_ids: Sequence[str], *, index: VectorIndex, versions: Sequence[int] | None = None
+) -> IngestReport:
+    report = IngestReport()
+    result = index.delete(list(item_ids), versions)
+    report.deleted += result.applied
+    report.stale += result.stale
+    return report
+
+
+def ingest_stream(
+    rows: Iterable[CatalogItem | ItemFailure],
+    *,
+    index: VectorIndex,
+    embedder: CatalogEmbedder,
+    fetcher: ImageFetcher,
+    max_pixels: int = 40_000_000,
+    batch_size: int = 32,
+    on_batch: Callable[[IngestReport, int], None] | None = None,
+) -> IngestReport:
+    """Ingest a whole catalog in batches (``read_catalog`` output: items and bad rows)."""
+    total = IngestReport()
+    batch: list[CatalogItem] = []
+
+    def flush() -> None:
+        if not batch:
+            return
+        part = ingest_items(batch, index=index, embedder=embedder, fetcher=fetcher,
+                            max_pixels=max_pixels, batch_size=batch_size)
+        total.merge(part)
+        if on_batch is not None:
+            on_batch(part, len(batch))
+        batch.clear()
+
+    for row in rows:
+        if isinstance(row, ItemFailure):
+            total.failures.append(row)
+            if on_batch is not None:
+                on_batch(IngestReport(failures=[row]), 1)
+            continue
+        batch.append(row)
+        if len(batch) >= batch_size:
+            flush()
+    flush()
+    index.flush()
+    return total
