@@ -8,9 +8,17 @@ Design rules (shared by all implementations, checked by the same tests over each
 * Each item lives in exactly one shard: its top-level category. Moving an item to another category
   removes it from the old shard.
 * Writes are version-guarded: a write whose version is lower than the stored one (live point or
-  tombstone) is skipped; an equal version overwrites (idempotent redelivery).
+  tombstone) is skipped; an equal version overwrites a live point (idempotent redelivery).
 * Deletes leave a tombstone (payload ``deleted=True`` with the delete's version) so that a late,
-  older upsert cannot resurrect the item. Tombstones never appear in search, retrieve or count.
+  older upsert cannot resurrect the item. A tombstone also blocks an upsert of *equal* version: a
+  delete with ``version=None`` takes the stored version, and the redelivered create of that same
+  version must not bring the item back. Tombstones never appear in search, retrieve or count.
+* Tombstones carry no vector (they are outside the vector space, so ``limit`` is never eaten by
+  them); a delete of an id the index has never seen is kept in the reserved shard
+  ``TOMBSTONE_SHARD``, which ``shards()`` does not list and callers may not write to.
+* ``where`` filters match payload values exactly: ``str`` or ``int`` (a list = any of). ``bool``
+  and ``float`` values are refused (``IndexBackendError``): Qdrant Edge 0.9 converts a Python
+  ``bool`` match value to ``int`` and silently matches nothing, and Qdrant has no float match.
 """
 
 from __future__ import annotations
@@ -29,6 +37,11 @@ _NAMESPACE = uuid.UUID("8f6b3c2e-6a3e-5d7c-9c1d-7a9e0d3b1f42")
 VERSION_KEY = "version"
 ITEM_ID_KEY = "item_id"
 DELETED_KEY = "deleted"
+SHARD_KEY = "shard"
+# Named vector used by every implementation (named, so tombstones can have none).
+VECTOR_NAME = "image"
+# Reserved shard for tombstones of ids that were never stored (a delete before its create).
+TOMBSTONE_SHARD = "__tombstones__"
 
 
 def point_id_for(item_id: str) -> str:
@@ -64,6 +77,9 @@ class SearchHit:
 
 @dataclass(frozen=True)
 class WriteResult:
+    """Item ids whose write was applied, and those skipped as older than what is stored. A delete
+    with ``version=None`` of an id the index has never seen is in neither list (nothing to do)."""
+
     applied: list[str] = field(default_factory=list)
     stale: list[str] = field(default_factory=list)
 
@@ -85,7 +101,8 @@ class VectorIndex(ABC):
     def delete(self, item_ids: Sequence[str], version: int | Sequence[int] | None = None) -> WriteResult:
         """Delete items, leaving version tombstones. ``version=None`` deletes unconditionally
         (tombstone version = stored version). Unknown ids are not an error: they are tombstoned too
-        when a version is given (a delete may arrive before its create)."""
+        when a version is given (a delete may arrive before its create). ``version`` may be one
+        int for all ids or one per id."""
 
     @abstractmethod
     def retrieve(self, item_ids: Sequence[str], *, with_vectors: bool = False) -> list[IndexRecord]:
@@ -117,6 +134,11 @@ class VectorIndex(ABC):
 
     def flush(self) -> None:  # noqa: B027 - optional for implementations
         """Persist pending writes (no-op where writes are durable on return)."""
+
+    def optimize(self) -> None:  # noqa: B027 - optional for implementations
+        """Build pending vector indexes (HNSW) now. Not needed for correctness: new points are
+        searchable on return from ``upsert``; this only makes later searches faster. A no-op where
+        the backend optimizes in the background (a Qdrant server)."""
 
     @abstractmethod
     def close(self) -> None:

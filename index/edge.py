@@ -1,0 +1,247 @@
+"""``EdgeIndex``: the embedded default, on Qdrant Edge (``qdrant_edge.EdgeShard``), no server.
+
+Layout under ``root`` (one directory per model generation, chosen by ``index.factory``)::
+
+    root/manifest.json          {"format", "dim", "model_id", "shards": {dir name: shard key}}
+    root/shards/<dir name>/     one EdgeShard per shard key (top-level category)
+
+Directory names are ``<slug>-<sha256[:16]>`` of the key (filesystem-safe, distinct on
+case-insensitive filesystems); the real key is in the manifest and in every point's payload.
+
+Qdrant Edge 0.9 behaviour this relies on (checked by tests/index):
+
+* There is no background optimizer: points land in an appendable plain segment and are searchable
+  (brute force) as soon as ``update`` returns; HNSW and quantization are only built by
+  ``EdgeShard.optimize()`` (``EdgeIndex.optimize``), after which new points again go to a plain
+  segment and are searchable at once. ``info().indexed_vectors_count`` stays 0 until then.
+* ``MatchValue(True)`` is stored as the int 1 and never matches a bool payload, so tombstones are
+  kept out of search and count by having no vector (``HasVectorCondition``), not by ``deleted``.
+* ``EdgeShard.load(path, config)`` checks ``config`` against the segments (a different vector size
+  fails) and then overwrites the stored config, so HNSW/quantization options apply on reopen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import threading
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import qdrant_edge as qe
+
+from index.base import SHARD_KEY, TOMBSTONE_SHARD, VECTOR_NAME, IndexBackendError, SearchHit
+from index.guarded import GuardedIndex, PutPoint, StoredPoint, Where
+
+_FORMAT = 1
+
+
+def shard_dir_name(key: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "-", key).strip("-")[:40] or "shard"
+    return f"{slug}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _edge_filter(where: Where) -> qe.Filter | None:
+    must: list[Any] = []
+    for key, value in where.items():
+        match = qe.MatchAny(value) if isinstance(value, list) else qe.MatchValue(value)
+        must.append(qe.FieldCondition(key=key, match=match))
+    return qe.Filter(must=must) if must else None
+
+
+class EdgeIndex(GuardedIndex):
+    """One on-disk EdgeShard per shard key under ``root``; cosine distance.
+
+    ``hnsw_m``/``hnsw_ef_construct`` shape the graph built by ``optimize()``; ``hnsw_ef`` is the
+    search-time beam. ``quantization="int8"`` keeps int8 copies for the HNSW search and rescores the
+    ``oversampling * limit`` best candidates with the float vectors (``rescore=True``).
+    ``indexing_threshold_kb``/``full_scan_threshold_kb``: below these sizes a segment is searched by
+    brute force (Qdrant defaults ~10 MB: a few thousand 512-d vectors need no graph at all).
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        dim: int,
+        *,
+        model_id: str = "",
+        hnsw_m: int = 16,
+        hnsw_ef_construct: int = 100,
+        hnsw_ef: int = 128,
+        quantization: Literal["int8"] | None = None,
+        rescore: bool = True,
+        oversampling: float = 2.0,
+        indexing_threshold_kb: int | None = None,
+        full_scan_threshold_kb: int = 10_000,
+        max_search_threads: int | None = None,
+    ) -> None:
+        super().__init__(dim)
+        if quantization not in (None, "int8"):
+            raise IndexBackendError(f"EdgeIndex quantization must be None or 'int8', got {quantization!r}")
+        self.root = Path(root)
+        self.model_id = model_id
+        self._hnsw_ef = hnsw_ef
+        self._quant_params = (
+            qe.QuantizationSearchParams(rescore=rescore, oversampling=oversampling) if quantization else None
+        )
+        self._config = qe.EdgeConfig(
+            vectors={VECTOR_NAME: qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine)},
+            hnsw_config=qe.HnswIndexConfig(
+                m=hnsw_m, ef_construct=hnsw_ef_construct, full_scan_threshold=full_scan_threshold_kb
+            ),
+            quantization_config=(
+                qe.ScalarQuantizationConfig(type=qe.ScalarType.Int8, quantile=0.99) if quantization else None
+            ),
+            optimizers=(
+                qe.EdgeOptimizersConfig(indexing_threshold=indexing_threshold_kb)
+                if indexing_threshold_kb is not None
+                else None
+            ),
+            max_search_threads=max_search_threads,
+        )
+        self._shards: dict[str, qe.EdgeShard] = {}
+        self._manifest_lock = threading.Lock()
+        self._open()
+
+    # ---- layout -------------------------------------------------------------------------------
+
+    @property
+    def _manifest_path(self) -> Path:
+        return self.root / "manifest.json"
+
+    def _open(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        if self._manifest_path.exists():
+            manifest = json.loads(self._manifest_path.read_text())
+            if manifest.get("format") != _FORMAT:
+                raise IndexBackendError(f"{self._manifest_path}: unknown format {manifest.get('format')!r}")
+            if manifest["dim"] != self.dim:
+                raise IndexBackendError(
+                    f"index at {self.root} holds {manifest['dim']}-d vectors, opened with dim={self.dim}"
+                )
+            if manifest.get("model_id", "") != self.model_id:
+                raise IndexBackendError(
+                    f"index at {self.root} belongs to model {manifest.get('model_id')!r}, "
+                    f"opened for {self.model_id!r}"
+                )
+            for dirname, key in manifest["shards"].items():
+                self._shards[key] = self._load_or_create(dirname)
+        else:
+            self._write_manifest()
+
+    def _write_manifest(self) -> None:
+        manifest = {
+            "format": _FORMAT,
+            "dim": self.dim,
+            "model_id": self.model_id,
+            "distance": "cosine",
+            "shards": {shard_dir_name(k): k for k in sorted(self._shards)},
+        }
+        tmp = self._manifest_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
+        os.replace(tmp, self._manifest_path)
+
+    def _load_or_create(self, dirname: str) -> qe.EdgeShard:
+        path = self.root / "shards" / dirname
+        try:
+            if (path / "edge_config.json").exists():
+                return qe.EdgeShard.load(str(path), self._config)
+            shard = qe.EdgeShard.create(str(path), self._config)
+        except Exception as exc:  # qdrant_edge raises plain Exception
+            raise IndexBackendError(f"cannot open Edge shard {path}: {exc}") from exc
+        # Point lookups by item id (our own point ids are derived, but operators filter by it).
+        shard.update(qe.UpdateOperation.create_field_index("item_id", qe.PayloadSchemaType.Keyword))
+        return shard
+
+    def _shard(self, key: str) -> qe.EdgeShard:
+        shard = self._shards.get(key)
+        if shard is None:
+            with self._manifest_lock:
+                shard = self._shards.get(key)
+                if shard is None:
+                    # Shard first, manifest second: a crash in between leaves an unlisted directory
+                    # that the next create of the same key simply loads.
+                    shard = self._load_or_create(shard_dir_name(key))
+                    self._shards[key] = shard
+                    self._write_manifest()
+        return shard
+
+    # ---- primitives ---------------------------------------------------------------------------
+
+    def _fetch(self, point_ids: list[str], *, with_vectors: bool) -> dict[str, list[StoredPoint]]:
+        out: dict[str, list[StoredPoint]] = {}
+        for key, shard in list(self._shards.items()):
+            for rec in shard.retrieve(point_ids, with_payload=True, with_vector=with_vectors):
+                vec = (rec.vector or {}).get(VECTOR_NAME) if with_vectors else None
+                out.setdefault(str(rec.id), []).append(
+                    StoredPoint(key, dict(rec.payload or {}), None if vec is None else np.asarray(vec, np.float32))
+                )
+        return out
+
+    def _put(self, shard: str, points: list[PutPoint]) -> None:
+        ops = [
+            qe.Point(p.point_id, {VECTOR_NAME: p.vector} if p.vector is not None else {}, p.payload)
+            for p in points
+        ]
+        self._shard(shard).update(qe.UpdateOperation.upsert_points(ops))
+
+    def _drop(self, shard: str, point_ids: list[str]) -> None:
+        self._shards[shard].update(qe.UpdateOperation.delete_points(list(point_ids)))
+
+    def _search(
+        self, vector: list[float], limit: int, shards: list[str] | None, where: Where
+    ) -> list[SearchHit]:
+        request = qe.QueryRequest(
+            limit=limit,
+            query=qe.Query.Nearest(vector, using=VECTOR_NAME),
+            filter=_edge_filter(where),
+            params=qe.SearchParams(hnsw_ef=self._hnsw_ef, quantization=self._quant_params),
+            with_payload=True,
+        )
+        keys = shards if shards is not None else [k for k in self._shards if k != TOMBSTONE_SHARD]
+        hits = []
+        for key in keys:  # scatter-gather; GuardedIndex.search merges by score
+            for sp in self._shards[key].query(request):
+                payload = dict(sp.payload or {})
+                hits.append(SearchHit(payload["item_id"], payload.get(SHARD_KEY, key), float(sp.score), payload))
+        return hits
+
+    def _count(self, shard: str | None) -> int:
+        live = qe.CountRequest(exact=True, filter=qe.Filter(must=[qe.HasVectorCondition(VECTOR_NAME)]))
+        keys = [shard] if shard is not None else [k for k in self._shards if k != TOMBSTONE_SHARD]
+        return sum(self._shards[k].count(live) for k in keys)
+
+    # ---- VectorIndex --------------------------------------------------------------------------
+
+    def shards(self) -> list[str]:
+        return sorted(k for k in self._shards if k != TOMBSTONE_SHARD)
+
+    def flush(self) -> None:
+        self._check_open()
+        with self._write_lock:
+            for shard in self._shards.values():
+                shard.flush()
+
+    def optimize(self) -> None:
+        """Build HNSW (and int8 copies) for segments past the indexing threshold. Blocking."""
+        self._check_open()
+        with self._write_lock:
+            for shard in self._shards.values():
+                shard.optimize()
+
+    def indexed_vectors_count(self) -> int:
+        """Vectors covered by an HNSW graph (0 until ``optimize()``): for tests and ops."""
+        return sum(s.info().indexed_vectors_count for s in self._shards.values())
+
+    def close(self) -> None:
+        with self._write_lock:
+            if self._closed:
+                return
+            self._closed = True
+            for shard in self._shards.values():
+                shard.flush()
+                shard.close()
+            self._shards.clear()
