@@ -1,0 +1,49 @@
+# tongkuan — `make help` lists the targets. Every target sets up the venv it needs.
+SHELL := /bin/bash
+PY_BOOT ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DATA ?= $(abspath ../shared/datasets/grocery)
+SPLIT ?= val
+export HF_HUB_OFFLINE := 1
+export PYTHONDONTWRITEBYTECODE := 1
+
+.DEFAULT_GOAL := help
+.PHONY: help venv model demo test test-all eval bench-embed lint clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-14s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml requirements.lock
+	@test -x $(PY) || $(PY_BOOT) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	@touch $(STAMP)
+
+venv: $(STAMP) ## create .venv with the pinned dependencies (torch 2.13.0 CPU)
+
+model: $(STAMP) ## export the ImageNet EfficientNet-Lite0 to ONNX (cached, checksummed); verify shipped models
+	$(PY) -m vision.export
+
+demo: model ## ingest the grocery catalog into a fresh embedded index, search val photos, print metrics
+	$(PY) -m tongkuan.cli demo --data $(DATA)
+
+test: model ## the fast, complete test suite (CPU, local services, < 10 min)
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: model ## every test, slow ones included
+	$(PY) -m pytest -q
+
+eval: model ## Recall@K/mAP/category accuracy: make eval DATA=DIR SPLIT=NAME
+	$(PY) -m tongkuan.cli eval --data $(DATA) --split $(SPLIT)
+
+bench-embed: model ## images/s torch vs ONNX Runtime, per-stage query latency -> reports/bench-embed.json
+	$(PY) -m tongkuan.bench_embed --data $(DATA)
+
+lint: $(STAMP) ## ruff
+	$(VENV)/bin/ruff check .
+
+clean: ## remove runtime state and reports (keeps .venv and models)
+	rm -rf var reports

@@ -1,0 +1,1 @@
+"""Query side: decode → localize → embed → category vote → shard search → (re-rank) → response."""

@@ -1,0 +1,161 @@
+"""In-process query pipeline: decode → localize+embed → category vote → shard search → collapse
+near duplicates → (re-rank) → response. The HTTP service and the CLI both call ``Searcher``.
+
+Shard policy (分库检索): the category vote picks the top-level shard; when its probability is at least
+``shard_min_confidence`` only that shard's candidates are kept, otherwise every shard is searched
+(scatter-gather), so a doubtful vote never hides the right shard.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+from PIL import Image
+
+from index.base import SearchHit as IndexHit
+from index.base import VectorIndex
+from query.category import DEFAULT_K, CategoryPrediction, predict_category
+from query.models import CategoryOut, ObjectResult, SearchHit, SearchResponse
+from vision.decode import decode_image
+
+
+class QueryEmbedder(Protocol):
+    model_id: str
+
+    def embed_query(self, image: Image.Image, *, max_regions: int = 3): ...
+
+
+class Reranker(Protocol):
+    """Re-orders visual candidates (the LightGBM quality re-ranker plugs in here)."""
+
+    def rerank(self, hits: list[IndexHit]) -> list[IndexHit]: ...
+
+
+class UnknownItemError(KeyError):
+    pass
+
+
+class Searcher:
+    def __init__(
+        self,
+        index: VectorIndex,
+        embedder: QueryEmbedder,
+        *,
+        candidate_k: int = 60,
+        category_k: int = DEFAULT_K,
+        shard_min_confidence: float = 0.6,
+        reranker: Reranker | None = None,
+        max_image_bytes: int = 20 * 1024 * 1024,
+        max_image_pixels: int = 40_000_000,
+    ):
+        self.index = index
+        self.embedder = embedder
+        self.candidate_k = candidate_k
+        self.category_k = category_k
+        self.shard_min_confidence = shard_min_confidence
+        self.reranker = reranker
+        self.max_image_bytes = max_image_bytes
+        self.max_image_pixels = max_image_pixels
+
+    # -- entry points -------------------------------------------------------------------------
+    def search_bytes(self, data: bytes, **kw) -> SearchResponse:
+        t0 = time.perf_counter()
+        image = decode_image(data, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
+        decode_ms = (time.perf_counter() - t0) * 1000
+        resp = self.search_image(image, **kw)
+        resp.timings_ms = {"decode": decode_ms, **resp.timings_ms}
+        return resp
+
+    def search_image(
+        self,
+        image: Image.Image,
+        *,
+        limit: int = 10,
+        max_objects: int = 1,
+        shards: Sequence[str] | None = None,
+    ) -> SearchResponse:
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        q = self.embedder.embed_query(image, max_regions=max_objects)
+        timings["localize+embed"] = (time.perf_counter() - t0) * 1000
+        for k, v in getattr(q, "timings_ms", {}).items():
+            timings[k] = v
+        objects = []
+        search_ms = 0.0
+        for i in range(min(max_objects, len(q.vectors))):
+            t1 = time.perf_counter()
+            pred, hits = self.search_vector(q.vectors[i], limit=limit, shards=shards)
+            search_ms += (time.perf_counter() - t1) * 1000
+            region = q.regions[i]
+            objects.append(
+                ObjectResult(
+                    box=tuple(int(v) for v in region.box),
+                    region_score=float(region.score),
+                    category=pred,
+                    hits=hits,
+                )
+            )
+        timings["search"] = search_ms
+        return SearchResponse(model_id=self.embedder.model_id, objects=objects, timings_ms=timings)
+
+    def similar_items(self, item_id: str, *, limit: int = 10) -> list[SearchHit]:
+        """Items visually similar to an indexed item (for recommenders), the item itself excluded."""
+        recs = self.index.retrieve([item_id], with_vectors=True)
+        if not recs or recs[0].vector is None:
+            raise UnknownItemError(item_id)
+        rec = recs[0]
+        raw = self.index.search(rec.vector, limit=limit + 1, shards=[rec.shard])
+        hits = [h for h in raw if h.item_id != item_id]
+        return _collapse(hits)[:limit]
+
+    # -- the core -----------------------------------------------------------------------------
+    def search_vector(
+        self, vector: np.ndarray, *, limit: int = 10, shards: Sequence[str] | None = None
+    ) -> tuple[CategoryOut | None, list[SearchHit]]:
+        k = max(self.candidate_k, self.category_k, limit)
+        raw = self.index.search(vector, limit=k, shards=shards)
+        pred = predict_category(raw, k=self.category_k)
+        searched = sorted({h.shard for h in raw}) if shards is None else list(shards)
+        if pred is not None and shards is None and pred.shard_confidence >= self.shard_min_confidence:
+            in_shard = [h for h in raw if h.shard == pred.shard]
+            if len(in_shard) < min(limit, self.candidate_k):
+                in_shard = self.index.search(vector, limit=self.candidate_k, shards=[pred.shard])
+            raw = in_shard
+            searched = [pred.shard]
+        if self.reranker is not None:
+            raw = self.reranker.rerank(raw)
+        return _category_out(pred, searched), _collapse(raw)[:limit]
+
+
+def _category_out(pred: CategoryPrediction | None, searched: list[str]) -> CategoryOut | None:
+    if pred is None:
+        return None
+    return CategoryOut(
+        shard=pred.shard, category=pred.category, confidence=pred.confidence, searched_shards=searched
+    )
+
+
+def _collapse(hits: Sequence[IndexHit]) -> list[SearchHit]:
+    """Fold near-duplicate listings (``duplicate_of`` links made at ingest) into the first of their group."""
+    out: list[SearchHit] = []
+    by_group: dict[str, SearchHit] = {}
+    for h in hits:
+        group = str(h.payload.get("duplicate_of") or h.item_id)
+        if group in by_group:
+            by_group[group].duplicates.append(h.item_id)
+            continue
+        hit = SearchHit(
+            item_id=h.item_id,
+            score=float(h.score),
+            title=str(h.payload.get("title", "")),
+            category_path=list(h.payload.get("category_path", [])),
+            image=str(h.payload.get("image", "")),
+        )
+        by_group[group] = hit
+        # A twin's original may come later in the list: register under its own id as well.
+        by_group.setdefault(h.item_id, hit)
+        out.append(hit)
+    return out
