@@ -207,8 +207,9 @@ def _find_twins(prepared: Sequence[_Prepared], vectors: np.ndarray, index: Vecto
                     break
         if twin is not None and twin != me:
             twins[me] = twin
-        seen_md5.setdefault(p.md5, me)
-        seen_dhash.append((me, p.dhash))
+        root = twins.get(me, me)  # link to the group's first item, never to another twin
+        seen_md5.setdefault(p.md5, root)
+        seen_dhash.append((root, p.dhash))
     return twins
 
 
