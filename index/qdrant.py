@@ -17,6 +17,7 @@ switches a stable alias to this collection atomically (blue/green model switches
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Literal
 
 import numpy as np
@@ -192,6 +193,11 @@ class QdrantIndex(GuardedIndex):
                     raise
         self._known.add(key)
 
+    def _reading(self) -> contextlib.AbstractContextManager[Any]:
+        # Local mode's in-process arrays are resized by writes and not safe to read meanwhile;
+        # a server client is (reads there need no lock).
+        return self._write_lock if self._local else contextlib.nullcontext()
+
     def _selector(self, shard: str | list[str] | None) -> Any:
         return shard if self.use_shard_keys else None
 
@@ -202,13 +208,14 @@ class QdrantIndex(GuardedIndex):
         keys: list[str | None] = sorted(self._known) if self.use_shard_keys else [None]
         out: dict[str, list[StoredPoint]] = {}
         for key in keys:
-            records = self.client.retrieve(
+            with self._reading():
+                records = self.client.retrieve(
                 self.collection,
-                point_ids,
-                with_payload=True,
-                with_vectors=[VECTOR_NAME] if with_vectors else False,
-                shard_key_selector=key,
-            )
+                    point_ids,
+                    with_payload=True,
+                    with_vectors=[VECTOR_NAME] if with_vectors else False,
+                    shard_key_selector=key,
+                )
             for rec in records:
                 payload = dict(rec.payload or {})
                 vec = rec.vector.get(VECTOR_NAME) if with_vectors and isinstance(rec.vector, dict) else None
@@ -253,16 +260,17 @@ class QdrantIndex(GuardedIndex):
     def _search(
         self, vector: list[float], limit: int, shards: list[str] | None, where: Where
     ) -> list[SearchHit]:
-        resp = self.client.query_points(
-            self.collection,
-            query=vector,
-            using=VECTOR_NAME,
-            limit=limit,
-            query_filter=self._live_filter(shards, where),
-            search_params=None if self._local else self._search_params,
-            with_payload=True,
-            shard_key_selector=self._selector(shards),
-        )
+        with self._reading():
+            resp = self.client.query_points(
+                self.collection,
+                query=vector,
+                using=VECTOR_NAME,
+                limit=limit,
+                query_filter=self._live_filter(shards, where),
+                search_params=None if self._local else self._search_params,
+                with_payload=True,
+                shard_key_selector=self._selector(shards),
+            )
         hits = []
         for sp in resp.points:
             payload = dict(sp.payload or {})
@@ -271,12 +279,13 @@ class QdrantIndex(GuardedIndex):
 
     def _count(self, shard: str | None) -> int:
         shards = [shard] if shard is not None else None
-        return self.client.count(
-            self.collection,
-            count_filter=self._live_filter(shards, {}),
-            exact=True,
-            shard_key_selector=self._selector(shard),
-        ).count
+        with self._reading():
+            return self.client.count(
+                self.collection,
+                count_filter=self._live_filter(shards, {}),
+                exact=True,
+                shard_key_selector=self._selector(shard),
+            ).count
 
     # ---- VectorIndex --------------------------------------------------------------------------
 
