@@ -2,24 +2,196 @@
 
 One entry point, ``ImageFetcher.fetch(ref) -> bytes``; failures raise ``FetchError`` with a stable
 ``reason`` code and ``transient`` (retry with backoff) vs permanent (dead-letter).
+
+URL fetching is written against server-side request forgery (a seller controls the URL):
+
+* http/https only, no credentials in the URL, at most ``max_redirects`` redirects, each followed by
+  hand so that every hop is checked again.
+* The host is resolved **once per connection**, inside the connection code (``_VettedBackend``):
+  every resolved address must be public (see ``address_refusal``) or allowed by ``allow``, and the
+  socket is opened to that vetted IP. There is no second lookup for a rebinding DNS server to
+  answer differently; the URL keeps the host name, so the ``Host`` header and TLS SNI/certificate
+  check stay right.
+* Connect, read and total deadlines; a byte cap checked against ``Content-Length`` before reading and
+  again while streaming; the first bytes are sniffed (JPEG/PNG/WebP) and anything else is dropped
+  without reading the rest.
+
+httpcore (httpx's transport layer) is used directly rather than ``httpx.Client`` because it takes a
+pluggable network backend (the resolve-vet-connect step) and we follow redirects ourselves anyway.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import socket
+import ssl
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
+
+import httpcore
+
+from vision.decode import sniff_format
+
+# Reason codes whose failures are worth retrying with backoff; every other code is permanent.
+TRANSIENT_REASONS = frozenset({"timeout", "connection", "http_unavailable", "dns_temporary"})
 
 
 class FetchError(Exception):
-    """``reason`` codes: ``missing``, ``too_large``, ``bad_scheme``, ``private_address``,
-    ``http_status``, ``timeout``, ``connection``, ``bad_content``, ``too_many_redirects``."""
+    """``reason`` codes (stable: metrics labels and dead-letter reasons):
 
-    def __init__(self, reason: str, detail: str, *, transient: bool = False):
+    permanent: ``missing``, ``too_large``, ``bad_scheme``, ``bad_url``, ``private_address``,
+    ``not_found`` (HTTP 404/410), ``http_status`` (other 4xx, unexpected 1xx/3xx), ``bad_content``
+    (not JPEG/PNG/WebP), ``too_many_redirects``, ``dns`` (name does not resolve);
+    transient (``TRANSIENT_REASONS``): ``timeout``, ``connection``, ``http_unavailable``
+    (HTTP 5xx, 429, 408), ``dns_temporary``.
+
+    ``transient`` defaults to ``reason in TRANSIENT_REASONS``; the task layer only sees the reason
+    (``ItemFailure``), so the two must agree.
+    """
+
+    def __init__(self, reason: str, detail: str, *, transient: bool | None = None):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
-        self.transient = transient
+        self.transient = reason in TRANSIENT_REASONS if transient is None else transient
+
+
+# --- address policy -------------------------------------------------------------------------------
+
+# Cloud instance-metadata endpoints: refused even when a host name on the allow-list resolves to
+# them; only an allow-list IP/CIDR entry that contains the address lets them through.
+METADATA_ADDRESSES = frozenset(
+    {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
+)
+METADATA_HOSTS = frozenset({"metadata.google.internal", "metadata.goog"})
+
+_CGNAT = ipaddress.ip_network("100.64.0.0/10")
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def address_refusal(ip: _IPAddress) -> str | None:
+    """Why ``ip`` must not be fetched from (None = a public unicast address).
+
+    IPv6 forms that embed an IPv4 address (IPv4-mapped ``::ffff:a.b.c.d``, 6to4, NAT64) are judged
+    by the embedded address: ``::ffff:127.0.0.1`` is loopback.
+    """
+    if ip in METADATA_ADDRESSES:
+        return "cloud metadata"
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = ip.ipv4_mapped or ip.sixtofour
+        if embedded is None and ip in _NAT64:
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None:
+            inner = address_refusal(embedded)
+            return f"embeds {embedded} ({inner})" if inner else None
+        if ip.is_site_local:
+            return "site-local"
+    checks = (
+        ("unspecified", ip.is_unspecified),
+        ("loopback", ip.is_loopback),
+        ("link-local", ip.is_link_local),
+        ("multicast", ip.is_multicast),
+        ("CGNAT", isinstance(ip, ipaddress.IPv4Address) and ip in _CGNAT),
+        ("private", ip.is_private),
+        ("reserved", ip.is_reserved),
+    )
+    for name, hit in checks:
+        if hit:
+            return name
+    return None if ip.is_global else "not globally routable"
+
+
+def _parse_ip(host: str) -> _IPAddress | None:
+    try:
+        return ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+
+
+def _norm_host(host: str) -> str:
+    return host.strip("[]").rstrip(".").lower()
+
+
+@dataclass(frozen=True)
+class _AllowRule:
+    host: str | None = None
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
+    port: int | None = None
+
+    @classmethod
+    def parse(cls, entry: str) -> _AllowRule:
+        """``host``, ``host:port``, ``IP``, ``IP:port``, ``[v6]:port`` or ``CIDR``."""
+        text = entry.strip()
+        if not text:
+            raise ValueError("empty allow-list entry")
+        try:
+            return cls(network=ipaddress.ip_network(text.strip("[]"), strict=False))
+        except ValueError:
+            pass
+        host, port = text, None
+        if text.startswith("["):
+            inner, _, rest = text[1:].partition("]")
+            host, port = inner, (int(rest[1:]) if rest.startswith(":") else None)
+        elif text.count(":") == 1:
+            h, p = text.split(":")
+            host, port = h, int(p)
+        ip = _parse_ip(host)
+        if ip is not None:
+            return cls(network=ipaddress.ip_network(ip), port=port)
+        return cls(host=_norm_host(host), port=port)
+
+    def matches(self, host: str, ip: _IPAddress, port: int) -> bool:
+        if self.port is not None and self.port != port:
+            return False
+        if self.network is not None:
+            return ip.version == self.network.version and ip in self.network
+        # A trusted host name exempts its addresses, except the metadata endpoints.
+        return self.host == host and ip not in METADATA_ADDRESSES
+
+
+def system_resolver(host: str, port: int) -> list[str]:
+    """All addresses of ``host`` (one DNS lookup). Raises ``socket.gaierror``."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    out: list[str] = []
+    for *_, sockaddr in infos:
+        if sockaddr[0] not in out:
+            out.append(sockaddr[0])
+    return out
+
+
+Resolver = Callable[[str, int], Sequence[str]]
+
+
+class _VettedBackend(httpcore.SyncBackend):
+    """httpcore network backend that resolves the host itself, refuses the connection unless every
+    resolved address is allowed, and connects to a vetted IP (never to the name)."""
+
+    def __init__(self, fetcher: ImageFetcher):
+        self.fetcher = fetcher
+
+    def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
+        ips = self.fetcher.vet(host, port)
+        last: Exception | None = None
+        for ip in ips:
+            try:
+                return self._open(str(ip), port, timeout, local_address, socket_options)
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as e:
+                last = e
+        assert last is not None  # vet() never returns an empty list
+        raise last
+
+    def _open(self, ip, port, timeout, local_address, socket_options):
+        """Open the socket to an already vetted IP literal (tests replace this to record calls)."""
+        return super().connect_tcp(ip, port, timeout, local_address, socket_options)
+
+
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_RETRYABLE_STATUS = frozenset({408, 429})
+_SNIFF_BYTES = 12
 
 
 @dataclass
@@ -29,8 +201,19 @@ class ImageFetcher:
     object_root: Path | None = None
     connect_timeout_s: float = 3.0
     read_timeout_s: float = 10.0
+    # Whole-fetch deadline (all hops): a server trickling a byte per read timeout cannot hold a
+    # worker for longer than this (plus one read timeout).
+    total_timeout_s: float = 30.0
     max_redirects: int = 3
+    # Exempt from the address refusal: host names, IPs or CIDRs, each optionally with ``:port``
+    # (e.g. an internal object store "minio:9000", "10.20.0.0/16", "127.0.0.1:8080" in tests).
     allow: list[str] = field(default_factory=list)
+    # DNS lookup, replaceable in tests; called once per new connection.
+    resolver: Resolver = field(default=system_resolver, repr=False, compare=False)
+    user_agent: str = "tongkuan-fetch/1"
+
+    def __post_init__(self) -> None:
+        self._rules = [_AllowRule.parse(e) for e in self.allow]
 
     @classmethod
     def from_settings(cls, settings) -> ImageFetcher:  # settings: tongkuan.settings.Settings
@@ -70,5 +253,134 @@ class ImageFetcher:
         except OSError as e:
             raise FetchError("missing", f"cannot read {path}: {e}") from e
 
+    # --- address vetting ----------------------------------------------------------------------------
+
+    def is_allowed(self, host: str, ip: _IPAddress, port: int) -> bool:
+        return any(rule.matches(_norm_host(host), ip, port) for rule in self._rules)
+
+    def vet(self, host: str, port: int) -> list[_IPAddress]:
+        """Resolve ``host`` once and return its addresses if **all** may be connected to; raises
+        ``FetchError("private_address")`` otherwise (one bad answer taints the whole answer: a
+        rebinding server may rotate them)."""
+        name = _norm_host(host)
+        literal = _parse_ip(name)
+        if literal is not None:
+            ips = [literal]
+        else:
+            if name in METADATA_HOSTS and not any(r.host == name for r in self._rules):
+                raise FetchError("private_address", f"{host}: cloud metadata host")
+            try:
+                ips = [ipaddress.ip_address(a.split("%")[0]) for a in self.resolver(name, port)]
+            except socket.gaierror as e:
+                if e.errno == socket.EAI_AGAIN:
+                    raise FetchError("dns_temporary", f"{host}: {e}") from e
+                raise FetchError("dns", f"{host}: {e}") from e
+            except (OSError, ValueError) as e:
+                raise FetchError("dns", f"{host}: {e}") from e
+            if not ips:
+                raise FetchError("dns", f"{host}: no addresses")
+        for ip in ips:
+            why = address_refusal(ip)
+            if why is not None and not self.is_allowed(name, ip, port):
+                raise FetchError("private_address", f"{host} -> {ip} ({why}) is not allowed")
+        return ips
+
+    # --- http ---------------------------------------------------------------------------------------
+
+    def _check_url(self, url: str) -> None:
+        parts = urlsplit(url)
+        if parts.scheme.lower() not in ("http", "https"):
+            raise FetchError("bad_scheme", f"unsupported scheme {parts.scheme!r} in {url!r}")
+        if parts.username is not None or parts.password is not None:
+            raise FetchError("bad_url", f"credentials in URL are not accepted: {parts.hostname}")
+        try:
+            parts.port  # noqa: B018 - raises ValueError for a bad port
+        except ValueError as e:
+            raise FetchError("bad_url", f"{url!r}: {e}") from e
+        if not parts.hostname:
+            raise FetchError("bad_url", f"no host in {url!r}")
+
     def _fetch_http(self, url: str) -> bytes:
-        raise FetchError("bad_scheme", f"http fetching not enabled in this build: {url}")
+        deadline = time.monotonic() + self.total_timeout_s
+        ctx = ssl.create_default_context()
+        with httpcore.ConnectionPool(
+            ssl_context=ctx, network_backend=_VettedBackend(self), max_connections=1, retries=0
+        ) as pool:
+            for _hop in range(self.max_redirects + 1):
+                self._check_url(url)
+                location = self._get(pool, url, deadline)
+                if isinstance(location, bytes):
+                    return location
+                url = urljoin(url, location)
+        raise FetchError("too_many_redirects", f"more than {self.max_redirects} redirects")
+
+    def _get(self, pool: httpcore.ConnectionPool, url: str, deadline: float) -> bytes | str:
+        """One hop: the body (bytes), or the redirect target (str)."""
+        left = max(0.001, deadline - time.monotonic())
+        timeouts = {
+            "connect": min(self.connect_timeout_s, left),
+            "read": min(self.read_timeout_s, left),
+            "write": min(self.read_timeout_s, left),
+            "pool": min(self.connect_timeout_s, left),
+        }
+        headers = [
+            (b"User-Agent", self.user_agent.encode()),
+            (b"Accept", b"image/jpeg, image/png, image/webp"),
+            (b"Accept-Encoding", b"identity"),
+        ]
+        try:
+            with pool.stream("GET", url, headers=headers, extensions={"timeout": timeouts}) as resp:
+                status = resp.status
+                if status in _REDIRECTS:
+                    loc = _header(resp.headers, b"location")
+                    if not loc:
+                        raise FetchError("http_status", f"HTTP {status} without Location from {url}")
+                    return loc
+                if status in (404, 410):
+                    raise FetchError("not_found", f"HTTP {status} from {url}")
+                if status >= 500 or status in _RETRYABLE_STATUS:
+                    raise FetchError("http_unavailable", f"HTTP {status} from {url}")
+                if status != 200:
+                    raise FetchError("http_status", f"HTTP {status} from {url}")
+                length = _header(resp.headers, b"content-length")
+                if length is not None and length.isdigit() and int(length) > self.max_bytes:
+                    raise FetchError("too_large", f"Content-Length {length} > limit {self.max_bytes}")
+                return self._read_body(resp, url, deadline)
+        except FetchError:
+            raise
+        except httpcore.TimeoutException as e:
+            raise FetchError("timeout", f"{url}: {type(e).__name__} {e}") from e
+        except (httpcore.NetworkError, httpcore.RemoteProtocolError, httpcore.ProxyError) as e:
+            raise FetchError("connection", f"{url}: {type(e).__name__} {e}") from e
+        except httpcore.UnsupportedProtocol as e:
+            raise FetchError("bad_scheme", f"{url}: {e}") from e
+        except httpcore.LocalProtocolError as e:
+            raise FetchError("bad_url", f"{url}: {e}") from e
+
+    def _read_body(self, resp, url: str, deadline: float) -> bytes:
+        buf = bytearray()
+        sniffed = False
+        for chunk in resp.iter_stream():
+            buf += chunk
+            if len(buf) > self.max_bytes:
+                raise FetchError("too_large", f"{url}: body exceeds limit {self.max_bytes} bytes")
+            if not sniffed and len(buf) >= _SNIFF_BYTES:
+                self._sniff(bytes(buf), url)
+                sniffed = True
+            if time.monotonic() > deadline:
+                raise FetchError("timeout", f"{url}: total fetch time over {self.total_timeout_s}s")
+        if not sniffed:
+            self._sniff(bytes(buf), url)
+        return bytes(buf)
+
+    @staticmethod
+    def _sniff(head: bytes, url: str) -> None:
+        if sniff_format(head) is None:
+            raise FetchError("bad_content", f"{url}: not a JPEG, PNG or WebP body")
+
+
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
+    for k, v in headers:
+        if k.lower() == name:
+            return v.decode("latin-1").strip()
+    return None
