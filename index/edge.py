@@ -177,7 +177,9 @@ class EdgeIndex(GuardedIndex):
             for rec in shard.retrieve(point_ids, with_payload=True, with_vector=with_vectors):
                 vec = (rec.vector or {}).get(VECTOR_NAME) if with_vectors else None
                 out.setdefault(str(rec.id), []).append(
-                    StoredPoint(key, dict(rec.payload or {}), None if vec is None else np.asarray(vec, np.float32))
+                    StoredPoint(
+                        key, dict(rec.payload or {}), None if vec is None else np.asarray(vec, np.float32)
+                    )
                 )
         return out
 
@@ -206,7 +208,9 @@ class EdgeIndex(GuardedIndex):
         for key in keys:  # scatter-gather; GuardedIndex.search merges by score
             for sp in self._shards[key].query(request):
                 payload = dict(sp.payload or {})
-                hits.append(SearchHit(payload["item_id"], payload.get(SHARD_KEY, key), float(sp.score), payload))
+                hits.append(
+                    SearchHit(payload["item_id"], payload.get(SHARD_KEY, key), float(sp.score), payload)
+                )
         return hits
 
     def _count(self, shard: str | None) -> int:

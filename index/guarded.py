@@ -156,9 +156,7 @@ class GuardedIndex(VectorIndex):
             states[pid] = _State(best.version, best.deleted, best.shard)
         return states
 
-    def _drop_other_copies(
-        self, stored: dict[str, list[StoredPoint]], target_shard: dict[str, str]
-    ) -> None:
+    def _drop_other_copies(self, stored: dict[str, list[StoredPoint]], target_shard: dict[str, str]) -> None:
         drops: dict[str, list[str]] = {}
         for pid, shard in target_shard.items():
             for copy in stored.get(pid, []):
@@ -262,9 +260,7 @@ class GuardedIndex(VectorIndex):
             best = max(copies, key=lambda c: (c.version, c.deleted))
             if best.deleted:
                 continue
-            records.append(
-                IndexRecord(item_id, best.shard, dict(best.payload), best.version, best.vector)
-            )
+            records.append(IndexRecord(item_id, best.shard, dict(best.payload), best.version, best.vector))
         return records
 
     def stored_versions(self, item_ids: Sequence[str]) -> dict[str, int]:

@@ -97,7 +97,9 @@ class QdrantIndex(GuardedIndex):
         self._search_params = qm.SearchParams(
             hnsw_ef=hnsw_ef,
             quantization=(
-                qm.QuantizationSearchParams(rescore=rescore, oversampling=oversampling) if quantization else None
+                qm.QuantizationSearchParams(rescore=rescore, oversampling=oversampling)
+                if quantization
+                else None
             ),
         )
         quant_config: qm.QuantizationConfig | None = None
@@ -210,7 +212,7 @@ class QdrantIndex(GuardedIndex):
         for key in keys:
             with self._reading():
                 records = self.client.retrieve(
-                self.collection,
+                    self.collection,
                     point_ids,
                     with_payload=True,
                     with_vectors=[VECTOR_NAME] if with_vectors else False,
@@ -229,7 +231,9 @@ class QdrantIndex(GuardedIndex):
         self._ensure_shard(shard)
         structs = [
             qm.PointStruct(
-                id=p.point_id, vector={VECTOR_NAME: p.vector} if p.vector is not None else {}, payload=p.payload
+                id=p.point_id,
+                vector={VECTOR_NAME: p.vector} if p.vector is not None else {},
+                payload=p.payload,
             )
             for p in points
         ]
@@ -308,7 +312,9 @@ class QdrantIndex(GuardedIndex):
         if any(a.alias_name == alias for a in self.client.get_aliases().aliases):
             ops.append(qm.DeleteAliasOperation(delete_alias=qm.DeleteAlias(alias_name=alias)))
         ops.append(
-            qm.CreateAliasOperation(create_alias=qm.CreateAlias(collection_name=self.collection, alias_name=alias))
+            qm.CreateAliasOperation(
+                create_alias=qm.CreateAlias(collection_name=self.collection, alias_name=alias)
+            )
         )
         self.client.update_collection_aliases(ops)
 
