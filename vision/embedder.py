@@ -1,0 +1,62 @@
+"""ONNX Runtime session for an exported embedder graph (see ``vision.export`` for its inputs/outputs).
+
+CUDA is used when this onnxruntime build offers it (``onnxruntime-gpu``), CPU otherwise. One session
+per process, kept resident; ``threads`` sets ORT's intra-op threads (0 = ORT's default, all cores).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from vision.export import INPUT_NAME, OUTPUT_EMBEDDING, OUTPUT_FEATURES
+from vision.preprocess import Preprocess, preprocess
+
+
+def l2_normalize(v: np.ndarray) -> np.ndarray:
+    v = np.asarray(v, dtype=np.float32)
+    return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+
+
+def default_providers() -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+class OnnxEmbedder:
+    def __init__(self, path: str | Path, *, threads: int = 0, providers: list[str] | None = None):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = threads
+            so.inter_op_num_threads = 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.path = Path(path)
+        self.session = ort.InferenceSession(str(path), so, providers=providers or default_providers())
+        self.providers = self.session.get_providers()
+        self.dim = int(self.session.get_outputs()[1].shape[1])
+
+    def run(self, x: np.ndarray, *, features: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
+        """(N, 3, H, W) float32 -> (features (N, C, h, w) or None, embeddings (N, dim) L2-normalised)."""
+        names = [OUTPUT_FEATURES, OUTPUT_EMBEDDING] if features else [OUTPUT_EMBEDDING]
+        outs = self.session.run(names, {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)})
+        emb = l2_normalize(outs[-1])
+        return (outs[0] if features else None), emb
+
+    def embed_images(
+        self, images: Sequence[Image.Image], cfg: Preprocess, *, batch_size: int = 32
+    ) -> np.ndarray:
+        """Images -> (N, dim) L2-normalised, in batches of ``batch_size``."""
+        out = np.zeros((len(images), self.dim), np.float32)
+        for i in range(0, len(images), batch_size):
+            out[i : i + batch_size] = self.run(preprocess(images[i : i + batch_size], cfg), features=False)[1]
+        return out
+
+    def embed_image(self, image: Image.Image, cfg: Preprocess) -> np.ndarray:
+        return self.embed_images([image], cfg)[0]

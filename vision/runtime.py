@@ -1,0 +1,172 @@
+"""``VisionPipeline``: the one facade the catalog workers and the query service use for vision.
+
+    pipe = VisionPipeline.from_settings(settings)      # resolves + checksum-verifies the model
+    vecs = pipe.embed_catalog(images)                 # (N, dim) float32, L2-normalised
+    q = pipe.embed_query(photo, max_regions=3)        # q.vectors (R, dim), q.regions, main first
+    pipe.timings                                      # {"localize": s, "embed": s} of the last call
+
+Everything that decides what a vector means (pooling, input size, scales, crop policy) comes from the
+model's registry entry, so ``model_id`` (stored with every indexed vector) pins it. Query regions:
+the main region first, then (when the main one is a crop) the full image, then other candidates.
+Scoring a product by the max similarity over the query's vectors is what ``vision.tune`` measured as
+``query=full+crop``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from vision.embedder import OnnxEmbedder, l2_normalize
+from vision.localize import Localizer, Region, SaliencyLocalizer, full_region
+from vision.preprocess import preprocess
+from vision.registry import ModelEntry, ModelRegistry
+
+__all__ = ["QueryEmbedding", "StageTimer", "VisionPipeline"]
+
+
+@dataclass(frozen=True)
+class QueryEmbedding:
+    vectors: np.ndarray  # (R, dim) float32, L2-normalised; vectors[0] is the main region
+    regions: list[Region]  # same order as vectors
+    model_id: str
+
+    @property
+    def main(self) -> np.ndarray:
+        return self.vectors[0]
+
+
+@dataclass
+class StageTimer:
+    """Per-stage wall time of the last call (``last``) and running totals (``totals``, ``counts``)."""
+
+    last: dict[str, float] = field(default_factory=dict)
+    totals: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def reset_last(self) -> None:
+        self.last = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            dt = time.perf_counter() - t0
+            self.last[name] = self.last.get(name, 0.0) + dt
+            self.totals[name] = self.totals.get(name, 0.0) + dt
+            self.counts[name] = self.counts.get(name, 0) + 1
+
+
+class VisionPipeline:
+    def __init__(self, entry: ModelEntry, embedder: OnnxEmbedder, localizer: Localizer | None = None):
+        self.entry = entry
+        self.embedder = embedder
+        self.model_id: str = entry.model_id
+        self.dim: int = entry.dim
+        self.preprocessing = entry.preprocessing
+        self._saliency = SaliencyLocalizer(self._features)
+        # A custom localizer (e.g. OnnxDetectorLocalizer) replaces SCDA on the query side.
+        self.localizer: Localizer = localizer or self._saliency
+        self.stage_timer = StageTimer()
+
+    # -- construction ----------------------------------------------------------------------------
+    @classmethod
+    def from_registry(
+        cls, model_dir: str | Path, name: str = "", *, threads: int = 0, localizer: Localizer | None = None
+    ) -> VisionPipeline:
+        entry, path = ModelRegistry(model_dir).resolve(name)
+        return cls(entry, OnnxEmbedder(path, threads=threads), localizer)
+
+    @classmethod
+    def from_settings(cls, settings, *, localizer: Localizer | None = None) -> VisionPipeline:
+        """``settings``: ``tongkuan.settings.Settings`` (model_dir, model, ort_threads)."""
+        return cls.from_registry(
+            settings.model_dir, settings.model, threads=settings.ort_threads, localizer=localizer
+        )
+
+    @property
+    def timings(self) -> dict[str, float]:
+        return dict(self.stage_timer.last)
+
+    # -- building blocks -------------------------------------------------------------------------
+    def _features(self, image: Image.Image) -> np.ndarray:
+        f, _ = self.embedder.run(preprocess([image], self.preprocessing))
+        return f[0]
+
+    def embed_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
+        """Whole images as given (no localization), averaged over the entry's scales."""
+        if len(images) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        total = None
+        for size in self.entry.all_sizes:
+            v = self.embedder.embed_images(images, self.preprocessing.with_size(size), batch_size=batch_size)
+            total = v if total is None else total + v
+        return l2_normalize(total)
+
+    def localize(self, image: Image.Image) -> list[Region]:
+        return self.localizer.localize(image)
+
+    # -- the facade ------------------------------------------------------------------------------
+    def embed_catalog(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
+        """Catalog images -> (N, dim) float32, L2-normalised; cropped to the main object when the
+        entry's ``crop.catalog`` is ``saliency``."""
+        self.stage_timer.reset_last()
+        if self.entry.crop.catalog == "none":
+            with self.stage_timer.stage("embed"):
+                return self.embed_images(images, batch_size)
+        crops: list[Image.Image] = []
+        with self.stage_timer.stage("localize"):
+            for i in range(0, len(images), batch_size):
+                batch = list(images[i : i + batch_size])
+                f, _ = self.embedder.run(preprocess(batch, self.preprocessing))
+                for fm, img in zip(f, batch, strict=True):
+                    main = self._saliency.from_features(fm, img.size)[0]
+                    crops.append(main.crop(img, self.entry.crop.margin))
+        with self.stage_timer.stage("embed"):
+            return self.embed_images(crops, batch_size)
+
+    def embed_query(self, image: Image.Image, *, max_regions: int = 3) -> QueryEmbedding:
+        """A shopper's photo -> one vector per region (at most ``max_regions``), main region first."""
+        if max_regions < 1:
+            raise ValueError("max_regions must be >= 1")
+        self.stage_timer.reset_last()
+        full = full_region(image.size)
+        single_scale = len(self.entry.all_sizes) == 1
+        full_vec = None  # the SCDA pass already embeds the full image: reuse it
+        with self.stage_timer.stage("localize"):
+            if self.entry.crop.query == "none" and max_regions == 1:
+                candidates = [full]
+            elif self.localizer is self._saliency:
+                f, e = self.embedder.run(preprocess([image], self.preprocessing))
+                candidates = self._saliency.from_features(f[0], image.size)
+                full_vec = e[0] if single_scale else None
+            else:
+                candidates = self.localizer.localize(image)
+        others = [r for r in candidates if r.box != full.box]
+        if self.entry.crop.query == "none" or not others:
+            regions = [full, *others]
+        else:
+            regions = [others[0], full, *others[1:]]
+        regions = regions[:max_regions]
+        with self.stage_timer.stage("embed"):
+            todo = [i for i, r in enumerate(regions) if not (r.box == full.box and full_vec is not None)]
+            vectors = np.empty((len(regions), self.dim), np.float32)
+            if full_vec is not None and len(todo) < len(regions):
+                vectors[[i for i in range(len(regions)) if i not in todo]] = full_vec
+            if todo:
+                crops = [image if regions[i].box == full.box else regions[i].crop(image, self.entry.crop.margin)
+                         for i in todo]
+                vectors[todo] = self.embed_images(crops)
+        return QueryEmbedding(vectors=vectors, regions=regions, model_id=self.model_id)
+
+    def stage_durations(self) -> dict[str, float]:
+        """Alias of ``timings`` (seconds per stage of the last call), for benchmarks."""
+        return self.timings
