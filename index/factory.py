@@ -35,9 +35,19 @@ def open_index(settings: Settings, dim: int, *, model_id: str, **options: Any) -
     ``options`` go to the implementation's constructor (HNSW, quantization, replication...).
     """
     slug = model_slug(model_id)
+    quantization = None if settings.index_quantization == "none" else settings.index_quantization
+    options = {
+        "hnsw_m": settings.index_hnsw_m,
+        "hnsw_ef_construct": settings.index_hnsw_ef_construct,
+        "hnsw_ef": settings.index_hnsw_ef,
+        "quantization": quantization,
+        **options,
+    }
     if settings.index_backend == "edge":
         from index.edge import EdgeIndex
 
+        if options["quantization"] == "binary":
+            raise IndexBackendError("EdgeIndex supports int8 quantization only (TONGKUAN_INDEX_QUANTIZATION)")
         return EdgeIndex(settings.index_dir / f"model-{slug}", dim, model_id=model_id, **options)
     if settings.index_backend == "qdrant":
         from qdrant_client import QdrantClient
@@ -49,8 +59,19 @@ def open_index(settings: Settings, dim: int, *, model_id: str, **options: Any) -
         client = (
             QdrantClient(location=":memory:")
             if settings.qdrant_url == ":memory:"
-            else QdrantClient(url=settings.qdrant_url)
+            else QdrantClient(
+                url=settings.qdrant_url,
+                api_key=settings.qdrant_api_key or None,
+                timeout=int(settings.qdrant_timeout_s),
+            )
         )
+        if settings.qdrant_url != ":memory:":
+            options = {
+                "replication_factor": settings.qdrant_replication_factor,
+                "write_consistency_factor": settings.qdrant_write_consistency_factor,
+                "shards_per_key": settings.qdrant_shards_per_key,
+                **options,
+            }
         try:
             return QdrantIndex(
                 client, f"{settings.qdrant_collection}__{slug}", dim, owns_client=True, **options

@@ -39,6 +39,16 @@ class Settings(BaseSettings):
     index_backend: Literal["edge", "qdrant"] = "edge"
     qdrant_url: str = ""
     qdrant_collection: str = "tongkuan"
+    qdrant_api_key: str = ""
+    qdrant_timeout_s: float = Field(default=10.0, gt=0)
+    qdrant_replication_factor: int = Field(default=2, ge=1)
+    qdrant_write_consistency_factor: int = Field(default=1, ge=1)
+    qdrant_shards_per_key: int = Field(default=1, ge=1)
+    # HNSW and quantization (both backends). ef is the search-time beam width.
+    index_hnsw_m: int = Field(default=16, ge=4, le=128)
+    index_hnsw_ef_construct: int = Field(default=128, ge=8)
+    index_hnsw_ef: int = Field(default=128, ge=8)
+    index_quantization: Literal["none", "int8", "binary"] = "none"
 
     # Ingest.
     ingest_batch_size: int = Field(default=32, ge=1, le=1024)

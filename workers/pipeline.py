@@ -257,5 +257,8 @@ def ingest_stream(
         if len(batch) >= batch_size:
             flush()
     flush()
+    # Qdrant Edge has no background optimizer: new points are searched by brute force until the
+    # HNSW graph (and quantized copies) are built, so a bulk load ends with an explicit optimize.
+    index.optimize()
     index.flush()
     return total
