@@ -112,3 +112,91 @@ class ImageServer:
     def url(self, path: str) -> str:
         return self.base + path
 
+
+
+# --- fakes for the task tests (also loaded by the real Celery worker via factory settings) --------
+
+import json  # noqa: E402
+import os  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+from workers.fetch import FetchError  # noqa: E402
+
+
+class FakeEmbedder:
+    """8x8 thumbnail + 1 as a 192-d unit vector: deterministic, similar pictures → similar vectors."""
+
+    model_id = "test-fake@0"
+    dim = 192
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def embed_catalog(self, images, batch_size=32):
+        self.calls += 1
+        out = np.stack([np.asarray(im.convert("RGB").resize((8, 8)), dtype=np.float32).ravel() + 1.0
+                        for im in images])
+        return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def fake_embedder(settings) -> FakeEmbedder:
+    return FakeEmbedder()
+
+
+class ScriptedFetcher:
+    """``fetch(ref)`` answers from a script: bytes, a FetchError, or a list consumed one per call."""
+
+    def __init__(self, script: dict, max_bytes: int = 1024 * 1024):
+        self.script = {k: (list(v) if isinstance(v, list) else v) for k, v in script.items()}
+        self.max_bytes = max_bytes
+        self.calls: list[str] = []
+
+    def fetch(self, ref: str) -> bytes:
+        self.calls.append(ref)
+        answer = self.script[ref]
+        if isinstance(answer, list):
+            answer = answer.pop(0) if len(answer) > 1 else answer[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+def transient(reason: str = "timeout") -> FetchError:
+    return FetchError(reason, "scripted")
+
+
+class RecordingDeadLetters:
+    def __init__(self, fail_times: int = 0):
+        self.records: list[tuple[str, bytes, dict, list]] = []
+        self.flushes = 0
+        self.fail_times = fail_times
+
+    def publish(self, topic, key, value, headers=None):
+        if self.fail_times > 0:
+            self.fail_times -= 1
+            raise ConnectionError("scripted broker outage")
+        self.records.append((topic, key, json.loads(value), list(headers or [])))
+
+    def flush(self):
+        self.flushes += 1
+
+
+class RedisDeadLetters:
+    """DLQ publisher for the real-worker test: RPUSH records to ``TONGKUAN_TEST_DLQ_KEY``."""
+
+    def __init__(self, url: str, key: str):
+        import redis
+
+        self.redis = redis.Redis.from_url(url)
+        self.key = key
+
+    def publish(self, topic, key, value, headers=None):
+        self.redis.rpush(self.key, json.dumps({"topic": topic, "key": key.decode(), "value": json.loads(value)}))
+
+    def flush(self):
+        pass
+
+
+def redis_dead_letters(settings, ws) -> RedisDeadLetters:
+    return RedisDeadLetters(ws.broker_url, os.environ["TONGKUAN_TEST_DLQ_KEY"])

@@ -1,0 +1,345 @@
+"""Celery tasks of the catalog side, and the plain function they wrap.
+
+``tongkuan.apply_catalog_events(events: list[dict]) -> dict`` takes one batch of catalog events (the
+dispatcher's coalesced batch) and returns::
+
+    {"indexed": [item ids], "deleted": [item ids], "stale": [item ids],
+     "dead_lettered": [{"item_id": ..., "reason": ...}], "features": [ItemFeaturesUpdated as JSON]}
+
+* ``ItemUpserted`` → ``pipeline.ingest_items`` (fetch → dedup → embed → version-guarded upsert);
+  ``ItemDeleted`` → ``pipeline.delete_items`` with the event versions. Per item only the highest
+  version in the batch is applied (a delete wins a tie: a tombstone blocks an equal-version create).
+* ``ItemFeaturesUpdated`` is passed through under ``"features"`` untouched: there is no feature
+  store yet (a later issue adds it); nothing is written anywhere for them.
+* Per-item permanent failures (bad image, 404, too large, private address, invalid event) go to the
+  dead-letter topic with the original event and the reason; the rest of the batch goes on.
+* Per-item transient failures (timeout, connection, 5xx/429) retry the task for just those events
+  with exponential backoff; earlier results ride along in ``carried``, so the final result covers
+  the whole batch. After ``task_max_retries`` they are dead-lettered with their last reason.
+* Whole-task transient errors (dead-letter topic or index unreachable) retry the whole batch;
+  that is safe because everything here is idempotent (see ``workers.celery_app``).
+
+``apply_events`` is the same logic without Celery: the in-process demo and tests call it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pydantic import ValidationError
+
+from events.models import SCHEMA_VERSION, ItemDeleted, ItemFeaturesUpdated, ItemUpserted, parse_event
+from index.base import IndexBackendError, VectorIndex
+from tongkuan.settings import Settings, get_settings
+from workers import metrics
+from workers.celery_app import APPLY_EVENTS_TASK, WorkerSettings, app, check_pool, get_worker_settings
+from workers.fetch import TRANSIENT_REASONS, ImageFetcher
+from workers.pipeline import CatalogEmbedder, delete_items, ingest_items
+
+log = logging.getLogger(__name__)
+
+Event = ItemUpserted | ItemDeleted | ItemFeaturesUpdated
+
+
+class DeadLetterPublisher(Protocol):
+    """What the task needs of a producer (``events.bus.EventProducer`` or a test fake)."""
+
+    def publish(self, topic: str, key: bytes | str, value: bytes, headers: Any = None) -> Any: ...
+
+    def flush(self) -> None: ...
+
+
+class DeadLetterUnavailable(RuntimeError):
+    """Dead letters could not be published; the whole task is retried (nothing may be lost)."""
+
+
+@dataclass
+class WorkerRuntime:
+    """What one worker process holds for its lifetime: the model, the index, the fetcher, the DLQ."""
+
+    settings: Settings
+    embedder: CatalogEmbedder
+    index: VectorIndex
+    fetcher: ImageFetcher
+    dead_letters: DeadLetterPublisher
+    dlq_topic: str
+
+    def close(self) -> None:
+        self.index.close()
+
+
+@dataclass
+class BatchOutcome:
+    indexed: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)
+    dead_lettered: list[dict[str, str]] = field(default_factory=list)
+    features: list[dict[str, Any]] = field(default_factory=list)
+    # Original events whose items failed transiently (to retry), with their reasons.
+    retry_events: list[dict[str, Any]] = field(default_factory=list)
+    retry_reasons: list[str] = field(default_factory=list)
+
+    def result(self) -> dict[str, list]:
+        return {"indexed": self.indexed, "deleted": self.deleted, "stale": self.stale,
+                "dead_lettered": self.dead_lettered, "features": self.features}
+
+
+# --- process-wide runtime ----------------------------------------------------------------------------
+
+_runtime: WorkerRuntime | None = None
+_runtime_lock = threading.Lock()
+
+
+def _load(ref: str) -> Any:
+    module, _, attr = ref.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def build_runtime(settings: Settings | None = None, ws: WorkerSettings | None = None) -> WorkerRuntime:
+    settings = settings or get_settings()
+    ws = ws or get_worker_settings()
+    t0 = time.perf_counter()
+    embedder = _load(ws.embedder_factory)(settings)
+    providers = getattr(getattr(embedder, "embedder", None), "providers", None)
+    log.info("vision runtime %s (dim %d) loaded in %.1fs; ONNX Runtime providers: %s",
+             embedder.model_id, embedder.dim, time.perf_counter() - t0, providers or "n/a")
+    index = _load(ws.index_factory)(settings, embedder.dim, model_id=embedder.model_id)
+    log.info("index backend %s opened for %s", settings.index_backend, embedder.model_id)
+    return WorkerRuntime(
+        settings=settings,
+        embedder=embedder,
+        index=index,
+        fetcher=ImageFetcher.from_settings(settings),
+        dead_letters=_LazyDeadLetters(ws.dlq_factory, settings, ws),
+        dlq_topic=ws.dlq_topic,
+    )
+
+
+def get_runtime() -> WorkerRuntime:
+    """The runtime of this process, built on first use (model loaded and index opened once)."""
+    global _runtime
+    with _runtime_lock:
+        if _runtime is None:
+            _runtime = build_runtime()
+        return _runtime
+
+
+def set_runtime(runtime: WorkerRuntime | None) -> WorkerRuntime | None:
+    """Install a runtime (in-process demo, tests); returns the previous one (not closed)."""
+    global _runtime
+    with _runtime_lock:
+        previous, _runtime = _runtime, runtime
+        return previous
+
+
+def check_worker_pool(pool: str, concurrency: int) -> None:
+    check_pool(get_settings().index_backend, pool, concurrency)
+
+
+class _LazyDeadLetters:
+    """Creates the real producer on the first dead letter: a worker with a clean batch stream never
+    needs the broker connection."""
+
+    def __init__(self, factory: str, settings: Settings, ws: WorkerSettings):
+        self._factory, self._settings, self._ws = factory, settings, ws
+        self._producer: DeadLetterPublisher | None = None
+
+    def _get(self) -> DeadLetterPublisher:
+        if self._producer is None:
+            self._producer = _load(self._factory)(self._settings, self._ws)
+        return self._producer
+
+    def publish(self, topic, key, value, headers=None):
+        return self._get().publish(topic, key, value, headers)
+
+    def flush(self) -> None:
+        if self._producer is not None:
+            self._producer.flush()
+
+
+def kafka_dead_letters(settings: Settings, ws: WorkerSettings) -> DeadLetterPublisher:
+    """Default DLQ publisher: the project's Kafka producer (``events.bus``)."""
+    from events import bus  # noqa: PLC0415 - Kafka client only where dead letters are produced
+
+    factory = getattr(bus.EventProducer, "from_settings", None)
+    return factory() if factory is not None else bus.EventProducer()
+
+
+# --- the batch logic ---------------------------------------------------------------------------------
+
+
+def dead_letter_record(event: Any, reason: str, detail: str = "", *, attempts: int = 1) -> bytes:
+    """DLQ value: the original event (as received) plus why it was dropped."""
+    return json.dumps(
+        {"reason": reason, "detail": detail, "event": event, "failed_at": time.time(), "attempts": attempts},
+        default=str,
+    ).encode()
+
+
+def _item_id_of(raw: Any) -> str:
+    item_id = raw.get("item_id") if isinstance(raw, Mapping) else None
+    return item_id if isinstance(item_id, str) else ""
+
+
+def _parse(raw: Any) -> tuple[Event | None, str, str]:
+    """(event, "", "") or (None, reason, detail)."""
+    if isinstance(raw, Mapping) and raw.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
+        return None, "unsupported_schema", f"schema_version {raw.get('schema_version')!r}"
+    try:
+        return parse_event(dict(raw) if isinstance(raw, Mapping) else raw), "", ""
+    except ValidationError as e:
+        return None, "invalid_event", "; ".join(
+            f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()[:5]
+        )
+    except (ValueError, TypeError) as e:
+        return None, "invalid_event", str(e)
+
+
+def apply_events(
+    events: Sequence[Any], runtime: WorkerRuntime, *, final_attempt: bool = True, attempt: int = 1
+) -> BatchOutcome:
+    """Apply one batch of raw events (dicts) to the index. See the module doc for the rules.
+
+    With ``final_attempt=False`` transient item failures are returned in ``retry_events`` instead
+    of being dead-lettered. Raises ``DeadLetterUnavailable`` if dead letters cannot be published.
+    """
+    out = BatchOutcome()
+    metrics.BATCH_EVENTS.observe(len(events))
+    dead: list[tuple[Any, str, str, str]] = []  # (raw event, item id, reason, detail)
+
+    # Parse; keep per item the highest-version upsert/delete (delete wins a tie).
+    latest: dict[str, tuple[ItemUpserted | ItemDeleted, Any]] = {}
+    for raw in events:
+        ev, reason, detail = _parse(raw)
+        if ev is None:
+            dead.append((raw, _item_id_of(raw), reason, detail))
+        elif isinstance(ev, ItemFeaturesUpdated):
+            out.features.append(ev.model_dump(mode="json"))
+        else:
+            cur = latest.get(ev.item_id)
+            if cur is None or ev.version > cur[0].version or (
+                ev.version == cur[0].version and isinstance(ev, ItemDeleted)
+            ):
+                latest[ev.item_id] = (ev, raw)
+
+    upserts = [(ev, raw) for ev, raw in latest.values() if isinstance(ev, ItemUpserted)]
+    deletes = [(ev, raw) for ev, raw in latest.values() if isinstance(ev, ItemDeleted)]
+    s = runtime.settings
+
+    if upserts:
+        report = ingest_items(
+            [ev.to_item() for ev, _ in upserts], index=runtime.index, embedder=runtime.embedder,
+            fetcher=runtime.fetcher, max_pixels=s.max_image_pixels, batch_size=s.ingest_batch_size,
+        )
+        now = time.time()
+        by_id = {ev.item_id: (ev, raw) for ev, raw in upserts}
+        for item_id in report.indexed:
+            metrics.EVENT_TO_SEARCHABLE.labels(op="upsert").observe(max(0.0, now - by_id[item_id][0].event_time))
+        out.indexed += report.indexed
+        out.stale += report.stale
+        metrics.observe_stages(report.stage_seconds)
+        metrics.ITEMS.labels(outcome="duplicate").inc(len(report.duplicates))
+        for failure in report.failures:
+            ev, raw = by_id[failure.item_id]
+            if failure.reason in TRANSIENT_REASONS and not final_attempt:
+                out.retry_events.append(raw)
+                out.retry_reasons.append(failure.reason)
+            else:
+                dead.append((raw, failure.item_id, failure.reason, failure.detail))
+
+    if deletes:
+        t0 = time.perf_counter()
+        report = delete_items([ev.item_id for ev, _ in deletes], index=runtime.index,
+                              versions=[ev.version for ev, _ in deletes])
+        metrics.observe_stages({"delete": time.perf_counter() - t0})
+        now = time.time()
+        times = {ev.item_id: ev.event_time for ev, _ in deletes}
+        for item_id in report.deleted:
+            metrics.EVENT_TO_SEARCHABLE.labels(op="delete").observe(max(0.0, now - times[item_id]))
+        out.deleted += report.deleted
+        out.stale += report.stale
+
+    _publish_dead_letters(runtime, dead, attempt=attempt)
+    out.dead_lettered += [{"item_id": item_id, "reason": reason} for _, item_id, reason, _ in dead]
+
+    for outcome, n in (("indexed", len(out.indexed)), ("deleted", len(out.deleted)),
+                       ("stale", len(out.stale)), ("dead_lettered", len(dead)),
+                       ("retried", len(out.retry_events)), ("features", len(out.features))):
+        if n:
+            metrics.ITEMS.labels(outcome=outcome).inc(n)
+    return out
+
+
+def _publish_dead_letters(runtime: WorkerRuntime, dead: list[tuple[Any, str, str, str]], *, attempt: int) -> None:
+    if not dead:
+        return
+    try:
+        for raw, item_id, reason, detail in dead:
+            runtime.dead_letters.publish(
+                runtime.dlq_topic, item_id.encode(), dead_letter_record(raw, reason, detail, attempts=attempt),
+                headers=[("reason", reason.encode())],
+            )
+        runtime.dead_letters.flush()
+    except Exception as e:
+        raise DeadLetterUnavailable(f"cannot publish {len(dead)} dead letters: {e}") from e
+    for _, item_id, reason, detail in dead:
+        metrics.DLQ_EVENTS.labels(reason=reason).inc()
+        log.warning("dead-lettered %s: %s %s", item_id or "<no id>", reason, detail)
+
+
+def _merge(carried: Mapping[str, list] | None, result: dict[str, list]) -> dict[str, list]:
+    if not carried:
+        return result
+    return {k: list(carried.get(k, [])) + v for k, v in result.items()}
+
+
+def backoff_s(retries: int, ws: WorkerSettings) -> float:
+    return min(ws.retry_backoff_max_s, ws.retry_backoff_s * (2**retries))
+
+
+# --- the Celery task ---------------------------------------------------------------------------------
+
+
+@app.task(
+    name=APPLY_EVENTS_TASK,
+    bind=True,
+    # Whole-batch transient errors: rerun the batch (idempotent). Item-level transient failures are
+    # retried below for just those items.
+    autoretry_for=(DeadLetterUnavailable, IndexBackendError, ConnectionError, TimeoutError),
+    retry_backoff=True,
+    retry_backoff_max=int(get_worker_settings().retry_backoff_max_s),
+    retry_jitter=True,
+    max_retries=get_worker_settings().task_max_retries,
+)
+def apply_catalog_events(self, events: list[dict], carried: dict | None = None) -> dict:
+    """Apply one batch of catalog events. ``carried``: results of earlier attempts (internal)."""
+    ws = get_worker_settings()
+    retries = self.request.retries or 0
+    t0 = time.perf_counter()
+    try:
+        outcome = apply_events(events, get_runtime(), final_attempt=retries >= ws.task_max_retries,
+                               attempt=retries + 1)
+    except Exception:
+        metrics.TASKS.labels(status="error").inc()
+        raise
+    finally:
+        metrics.TASK_SECONDS.observe(time.perf_counter() - t0)
+    result = _merge(carried, outcome.result())
+    if outcome.retry_events:
+        metrics.TASKS.labels(status="retry").inc()
+        log.info("retrying %d events (%s) in %.1fs", len(outcome.retry_events),
+                 ",".join(sorted(set(outcome.retry_reasons))), backoff_s(retries, ws))
+        raise self.retry(args=(outcome.retry_events,), kwargs={"carried": result},
+                         countdown=backoff_s(retries, ws), max_retries=ws.task_max_retries)
+    metrics.TASKS.labels(status="success").inc()
+    return result
