@@ -168,11 +168,12 @@ class _LazyDeadLetters:
 
 
 def kafka_dead_letters(settings: Settings, ws: WorkerSettings) -> DeadLetterPublisher:
-    """Default DLQ publisher: the project's Kafka producer (``events.bus``)."""
-    from events import bus  # noqa: PLC0415 - Kafka client only where dead letters are produced
+    """Default DLQ publisher: the project's Kafka producer (acks=all; ``TONGKUAN_KAFKA_*`` env).
+    Its ``flush`` raises ``events.bus.PublishError`` for an unacknowledged record, which
+    ``_publish_dead_letters`` turns into a whole-task retry."""
+    from events.kafka import make_producer  # Kafka client only where dead letters are produced
 
-    factory = getattr(bus.EventProducer, "from_settings", None)
-    return factory() if factory is not None else bus.EventProducer()
+    return make_producer()
 
 
 # --- the batch logic ---------------------------------------------------------------------------------

@@ -1,0 +1,132 @@
+"""A real Celery worker process (``--pool=solo``) against Redis on 127.0.0.1 runs the task on a tiny
+batch: real broker, real result backend, real embedded index on disk, fake embedder (no model
+download), dead letters into a Redis list. Redis DB 13 belongs to this test; it is emptied after."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from workers_testlib import FakeEmbedder, image_bytes
+
+from events.models import ItemDeleted, ItemUpserted
+from index.factory import open_index
+from tongkuan.settings import Settings
+from workers.celery_app import APPLY_EVENTS_TASK, WorkerSettings, create_app
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+REDIS_DB = 13
+BROKER = f"redis://127.0.0.1:6379/{REDIS_DB}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def redis_db():
+    r = redis.Redis.from_url(BROKER, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        r.ping()
+    except redis.exceptions.ConnectionError:
+        pytest.skip("no Redis on 127.0.0.1:6379")
+    yield r
+    r.flushdb()
+    r.close()
+
+
+@pytest.fixture
+def worker(tmp_path, redis_db):
+    queue = f"tongkuan.test.{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("TONGKUAN_")},
+        "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests" / "workers")]),
+        "TONGKUAN_BROKER_URL": BROKER,
+        "TONGKUAN_INGEST_QUEUE": queue,
+        "TONGKUAN_DATA_DIR": str(tmp_path / "var"),
+        "TONGKUAN_OBJECT_ROOT": str(tmp_path / "objects"),
+        "TONGKUAN_EMBEDDER_FACTORY": "workers_testlib:fake_embedder",
+        "TONGKUAN_DLQ_FACTORY": "workers_testlib:redis_dead_letters",
+        "TONGKUAN_TEST_DLQ_KEY": f"{queue}.dlq",
+        "TONGKUAN_METRICS_PORT": str(port),
+    }
+    log = open(tmp_path / "worker.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "--pool=solo",
+         "--loglevel=INFO", "--without-gossip", "--without-mingle", "--without-heartbeat",
+         "-n", f"{queue}@%h"],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        yield {"queue": queue, "metrics_port": port, "dlq_key": env["TONGKUAN_TEST_DLQ_KEY"],
+               "tmp": tmp_path, "proc": proc, "log": tmp_path / "worker.log"}
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # warm shutdown
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+        log.close()
+
+
+def test_real_worker_applies_a_batch(worker, redis_db):
+    objects = worker["tmp"] / "objects"
+    objects.mkdir()
+    (objects / "red.png").write_bytes(image_bytes((230, 10, 10)))
+    (objects / "blue.jpg").write_bytes(image_bytes((10, 10, 230), "JPEG"))
+    (objects / "junk.png").write_bytes(b"not an image")
+
+    def up(item_id, image, version=1):
+        return ItemUpserted(item_id=item_id, version=version, title=item_id, category_path=("Bags",),
+                            images=(image,)).model_dump(mode="json")
+
+    events = [up("red", "red.png"), up("blue", "blue.jpg", 3), up("junk", "junk.png"),
+              ItemDeleted(item_id="never-seen", version=2).model_dump(mode="json")]
+    ws = WorkerSettings(broker_url=BROKER, ingest_queue=worker["queue"])
+    client = create_app(ws)
+    try:
+        res = client.send_task(APPLY_EVENTS_TASK, args=[events])
+        try:
+            result = res.get(timeout=60)
+        except Exception:
+            print(worker["log"].read_text())
+            raise
+    finally:
+        client.close()
+
+    assert sorted(result["indexed"]) == ["blue", "red"]
+    assert result["deleted"] == ["never-seen"]
+    assert result["dead_lettered"] == [{"item_id": "junk", "reason": "unsupported"}]
+    dlq = redis_db.lrange(worker["dlq_key"], 0, -1)
+    assert len(dlq) == 1 and b'"reason": "unsupported"' in dlq[0]
+
+    # The worker serves /metrics with the ingest metrics and the queue depth.
+    body = httpx.get(f"http://127.0.0.1:{worker['metrics_port']}/metrics", timeout=5).text
+    assert 'tongkuan_ingest_event_to_searchable_seconds_count{op="upsert"} 2.0' in body
+    assert f'tongkuan_celery_queue_depth{{queue="{worker["queue"]}"}} 0.0' in body
+    assert "tongkuan_celery_broker_up 1.0" in body
+
+    # Stop the worker (it owns the embedded index), then read what it wrote.
+    worker["proc"].send_signal(signal.SIGTERM)
+    assert worker["proc"].wait(timeout=15) == 0
+    log = worker["log"].read_text()
+    assert "ONNX Runtime providers" in log
+    settings = Settings(data_dir=worker["tmp"] / "var")
+    with open_index(settings, FakeEmbedder.dim, model_id=FakeEmbedder.model_id) as index:
+        assert {r.item_id: r.version for r in index.retrieve(["red", "blue", "junk"])} == {"red": 1, "blue": 3}
+        assert index.stored_versions(["never-seen"]) == {"never-seen": 2}
