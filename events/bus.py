@@ -61,7 +61,9 @@ class PublishError(RuntimeError):
 
 class EventProducer(ABC):
     @abstractmethod
-    def publish(self, topic: str, key: str | bytes | None, value: bytes, headers: Headers | None = None) -> None:
+    def publish(
+        self, topic: str, key: str | bytes | None, value: bytes, headers: Headers | None = None
+    ) -> None:
         """Enqueue one record. Raises ``PublishError`` only for immediate refusals (e.g. too large)."""
 
     @abstractmethod
@@ -142,6 +144,34 @@ def partition_for(key: bytes | None, partitions: int, counter: int = 0) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
+# Dead letters: the original record's key and bytes, plus why (headers), on the DLQ topic
+
+DLQ_REASON = "x-dlq-reason"  # a reason code: malformed_json, unknown_schema_version, bad_image, ...
+DLQ_DETAIL = "x-dlq-detail"  # free text, truncated to 500 characters
+DLQ_STAGE = "x-dlq-stage"  # who dead-lettered it: dispatcher | task | hook
+DLQ_ORIGIN = "x-dlq-origin"  # "topic/partition/offset" of the original record, when known
+
+
+def dead_letter(
+    producer: EventProducer,
+    dlq_topic: str,
+    record: Record | None,
+    reason: str,
+    detail: str = "",
+    stage: str = "dispatcher",
+    key: str | bytes | None = None,
+    value: bytes | None = None,
+) -> None:
+    """Publish (not flush) one dead letter. Pass the original ``record``, or ``key``/``value``."""
+    headers = {DLQ_REASON: reason, DLQ_DETAIL: detail[:500], DLQ_STAGE: stage}
+    if record is not None:
+        headers[DLQ_ORIGIN] = f"{record.topic}/{record.partition}/{record.offset}"
+        key = record.key if key is None else key
+        value = record.value if value is None else value
+    producer.publish(dlq_topic, key, value or b"", headers)
+
+
+# --------------------------------------------------------------------------------------------------
 # In-memory implementation
 
 
@@ -183,7 +213,9 @@ class InMemoryBus:
             out = [r for tp, log in self._logs.items() if tp.topic == topic for r in log]
         return sorted(out, key=lambda r: (r.timestamp_ms or 0, r.partition, r.offset))
 
-    def append(self, topic: str, key: bytes | None, value: bytes, headers: tuple[tuple[str, bytes], ...]) -> Record:
+    def append(
+        self, topic: str, key: bytes | None, value: bytes, headers: tuple[tuple[str, bytes], ...]
+    ) -> Record:
         self.create_topic(topic)
         with self._lock:
             self._rr += 1
@@ -208,7 +240,9 @@ class InMemoryProducer(EventProducer):
         self._pending: list[tuple[str, bytes | None, bytes, tuple[tuple[str, bytes], ...]]] = []
         self._lock = threading.Lock()
 
-    def publish(self, topic: str, key: str | bytes | None, value: bytes, headers: Headers | None = None) -> None:
+    def publish(
+        self, topic: str, key: str | bytes | None, value: bytes, headers: Headers | None = None
+    ) -> None:
         if len(value) > self.max_record_bytes:
             raise PublishError(f"record of {len(value)} bytes exceeds {self.max_record_bytes}")
         with self._lock:
@@ -285,6 +319,10 @@ class InMemoryConsumer(EventConsumer):
 
 
 __all__ = [
+    "DLQ_DETAIL",
+    "DLQ_ORIGIN",
+    "DLQ_REASON",
+    "DLQ_STAGE",
     "EventConsumer",
     "EventProducer",
     "InMemoryBus",
@@ -293,4 +331,5 @@ __all__ = [
     "PublishError",
     "Record",
     "TopicPartition",
+    "dead_letter",
 ]

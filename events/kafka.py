@@ -87,9 +87,13 @@ class KafkaEventProducer(EventProducer):
         self._producer = KafkaProducer(**config)
         self._futures: list = []
 
-    def publish(self, topic: str, key: str | bytes | None, value: bytes, headers: Headers | None = None) -> None:
+    def publish(
+        self, topic: str, key: str | bytes | None, value: bytes, headers: Headers | None = None
+    ) -> None:
         try:
-            fut = self._producer.send(topic, key=_key_bytes(key), value=value, headers=list(_norm_headers(headers)))
+            fut = self._producer.send(
+                topic, key=_key_bytes(key), value=value, headers=list(_norm_headers(headers))
+            )
         except KafkaError as e:
             raise PublishError(f"{type(e).__name__}: {e}") from e
         self._futures.append(fut)
