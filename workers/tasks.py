@@ -195,7 +195,7 @@ def _item_id_of(raw: Any) -> str:
 def _parse(raw: Any) -> tuple[Event | None, str, str]:
     """(event, "", "") or (None, reason, detail)."""
     if isinstance(raw, Mapping) and raw.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
-        return None, "unsupported_schema", f"schema_version {raw.get('schema_version')!r}"
+        return None, "unknown_schema_version", f"schema_version {raw.get('schema_version')!r}"
     try:
         return parse_event(dict(raw) if isinstance(raw, Mapping) else raw), "", ""
     except ValidationError as e:

@@ -127,7 +127,7 @@ def test_permanent_failures_are_dead_lettered_with_reason_and_the_rest_goes_on(r
     assert sorted(result["indexed"]) == ["a", "b"]
     got = {d["item_id"]: d["reason"] for d in result["dead_lettered"]}
     assert got == {"x404": "not_found", "xbig": "too_large", "xssrf": "private_address",
-                   "xjunk": "unsupported", "xtrunc": "corrupt", "v2": "unsupported_schema",
+                   "xjunk": "unsupported", "xtrunc": "corrupt", "v2": "unknown_schema_version",
                    "nt": "invalid_event", "": "invalid_event"}
     recs = runtime.dead_letters.records
     assert len(recs) == 8 and all(topic == "catalog.items.dlq" for topic, *_ in recs)

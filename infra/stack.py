@@ -1,0 +1,241 @@
+"""The local stack for ``make up`` / ``make down``: Tansu broker, Celery worker, dispatcher, API.
+
+    python -m infra.stack start|stop|status [--api-port 8000] [--worker-metrics-port 9102] ...
+
+Redis must already run on the broker URL's host (the dev machines run one on 127.0.0.1:6379);
+``start`` refuses to go on without it. Tansu is started through ``infra.tansu`` (its state in
+``var/stack/tansu/``). Every other process runs in its own session with its pid file and log under
+``var/stack/``; ``start`` waits for each health check (worker and dispatcher: ``/metrics`` answers;
+API: ``/healthz``), ``stop`` sends SIGTERM to each process group in reverse order and SIGKILL after a
+grace period. Embedded mode: the one worker process (``--pool=solo``) owns the Edge index.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+STATE_DIR = REPO_ROOT / "var" / "stack"
+# The API app factory: tongkuan.api when it exists, else the upload hook alone.
+API_APPS = ("tongkuan.api:create_app", "events.hook:create_app")
+
+
+@dataclass
+class Service:
+    name: str
+    argv: list[str]
+    health_url: str
+    env: dict[str, str]
+
+    def pid_file(self, state: Path) -> Path:
+        return state / f"{self.name}.pid"
+
+    def log_file(self, state: Path) -> Path:
+        return state / f"{self.name}.log"
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of ours counts as gone.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def healthy(url: str, timeout: float = 1.0) -> bool:
+    try:
+        return httpx.get(url, timeout=timeout).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def wait_until(check: Callable[[], bool], timeout: float, interval: float = 0.25) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(interval)
+    return check()
+
+
+def start_service(svc: Service, state: Path, timeout: float) -> None:
+    pid = read_pid(svc.pid_file(state))
+    if pid and pid_alive(pid):
+        print(f"{svc.name}: already running (pid {pid})")
+        return
+    with open(svc.log_file(state), "ab") as log:
+        proc = subprocess.Popen(svc.argv, cwd=REPO_ROOT, env={**os.environ, **svc.env}, stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    svc.pid_file(state).write_text(str(proc.pid))
+    ok = wait_until(lambda: proc.poll() is None and healthy(svc.health_url), timeout)
+    if not ok:
+        raise RuntimeError(f"{svc.name} not healthy after {timeout:.0f}s (exit {proc.poll()}); "
+                           f"see {svc.log_file(state)}")
+    print(f"{svc.name}: up (pid {proc.pid}) {svc.health_url}, log {svc.log_file(state)}")
+
+
+def stop_pid_file(name: str, pid_file: Path, grace: float) -> None:
+    pid = read_pid(pid_file)
+    if pid is None:
+        print(f"{name}: not running")
+        return
+    if pid_alive(pid):
+        try:
+            os.killpg(pid, signal.SIGTERM)  # the service's own session (start_new_session)
+        except ProcessLookupError:
+            pass
+        if not wait_until(lambda: not pid_alive(pid), grace):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            wait_until(lambda: not pid_alive(pid), 5)
+        print(f"{name}: stopped (pid {pid})")
+    pid_file.unlink(missing_ok=True)
+
+
+def api_app() -> str:
+    for ref in API_APPS:
+        if importlib.util.find_spec(ref.split(":")[0]) is not None:
+            return ref
+    raise RuntimeError("no API app factory found")
+
+
+def services(a: argparse.Namespace, bootstrap: str, hook_secret: str) -> list[Service]:
+    py = sys.executable
+    common = {
+        "TONGKUAN_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+        "TONGKUAN_BROKER_URL": a.broker_url,
+        "TONGKUAN_INDEX_BACKEND": "edge",
+    }
+    return [
+        Service("worker",
+                [py, "-m", "celery", "-A", "workers.celery_app", "worker", "--pool=solo", "--loglevel=INFO",
+                 "--without-gossip", "--without-mingle"],
+                f"http://127.0.0.1:{a.worker_metrics_port}/metrics",
+                {**common, "TONGKUAN_WORKER_POOL": "solo", "TONGKUAN_METRICS_PORT": str(a.worker_metrics_port),
+                 "TONGKUAN_METRICS_ADDR": "127.0.0.1"}),
+        Service("dispatcher", [py, "-m", "workers.dispatcher"],
+                f"http://127.0.0.1:{a.dispatcher_metrics_port}/metrics",
+                {**common, "TONGKUAN_DISPATCHER_METRICS_PORT": str(a.dispatcher_metrics_port),
+                 "TONGKUAN_DISPATCHER_METRICS_ADDR": "127.0.0.1"}),
+        Service("api",
+                [py, "-m", "uvicorn", "--factory", api_app(), "--host", "127.0.0.1", "--port", str(a.api_port)],
+                f"http://127.0.0.1:{a.api_port}/healthz",
+                {**common, "TONGKUAN_HOOK_SECRET": hook_secret, "TONGKUAN_ENVIRONMENT": "development"}),
+    ]
+
+
+def hook_secret(state: Path) -> str:
+    """TONGKUAN_HOOK_SECRET if set, else one generated for this checkout (var/stack/hook_secret)."""
+    if os.environ.get("TONGKUAN_HOOK_SECRET"):
+        return os.environ["TONGKUAN_HOOK_SECRET"]
+    path = state / "hook_secret"
+    if not path.exists():
+        path.write_text(secrets.token_hex(32))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def redis_ok(url: str) -> bool:
+    import redis
+
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except redis.exceptions.RedisError:
+        return False
+
+
+def tansu(action: str, state: Path) -> int:
+    """``python -m infra.tansu`` with its state in ``<state>/tansu`` (this stack's own broker)."""
+    return subprocess.call([sys.executable, "-m", "infra.tansu", action, "--state-dir", str(state / "tansu")],
+                           cwd=REPO_ROOT)
+
+
+def cmd_start(a: argparse.Namespace) -> int:
+    a.state.mkdir(parents=True, exist_ok=True)
+    if not redis_ok(a.broker_url):
+        print(f"Redis not reachable at {a.broker_url}: start it first", file=sys.stderr)
+        return 1
+    if tansu("start", a.state) != 0:
+        return 1
+    bootstrap = (a.state / "tansu" / "bootstrap").read_text().strip()
+    try:
+        for svc in services(a, bootstrap, hook_secret(a.state)):
+            start_service(svc, a.state, a.timeout)
+    except RuntimeError as e:
+        print(f"start failed: {e}; stopping what started", file=sys.stderr)
+        cmd_stop(a)
+        return 1
+    print(f"stack up: kafka {bootstrap}, hook http://127.0.0.1:{a.api_port}/v1/hooks/catalog")
+    return 0
+
+
+def cmd_stop(a: argparse.Namespace) -> int:
+    for name in ("api", "dispatcher", "worker"):  # producers first, the index owner last
+        stop_pid_file(name, a.state / f"{name}.pid", a.grace)
+    tansu("stop", a.state)
+    return 0
+
+
+def cmd_status(a: argparse.Namespace) -> int:
+    bootstrap = ""
+    if (a.state / "tansu" / "bootstrap").exists():
+        bootstrap = (a.state / "tansu" / "bootstrap").read_text().strip()
+    all_ok = tansu("status", a.state) == 0
+    for svc in services(a, bootstrap, "-"):
+        pid = read_pid(svc.pid_file(a.state))
+        alive = bool(pid and pid_alive(pid))
+        ok = alive and healthy(svc.health_url)
+        all_ok &= ok
+        state = "healthy" if ok else ("running, not healthy" if alive else "not running")
+        print(f"{svc.name}: {state}" + (f" (pid {pid})" if alive else ""))
+    print(f"redis ({a.broker_url}): {'up' if redis_ok(a.broker_url) else 'down'}")
+    return 0 if all_ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m infra.stack", description="local tongkuan stack")
+    ap.add_argument("action", choices=["start", "stop", "status"])
+    ap.add_argument("--state", type=Path, default=STATE_DIR)
+    ap.add_argument("--broker-url", default=os.environ.get("TONGKUAN_BROKER_URL", "redis://127.0.0.1:6379/0"))
+    ap.add_argument("--api-port", type=int, default=8000)
+    ap.add_argument("--worker-metrics-port", type=int, default=9102)
+    ap.add_argument("--dispatcher-metrics-port", type=int, default=9103)
+    ap.add_argument("--timeout", type=float, default=90.0, help="seconds per service health check")
+    ap.add_argument("--grace", type=float, default=15.0, help="seconds between SIGTERM and SIGKILL")
+    a = ap.parse_args(argv)
+    return {"start": cmd_start, "stop": cmd_stop, "status": cmd_status}[a.action](a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
