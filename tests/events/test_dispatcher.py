@@ -1,0 +1,244 @@
+"""Dispatcher: coalescing, dead letters, commit only after the batch's tasks succeeded.
+
+Runs over both buses (in-memory and Tansu) with a fake task sender; one test uses real Celery+Redis.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any
+
+import pytest
+from conftest import Bus, unique
+
+from events.bus import DLQ_REASON, TopicPartition
+from events.models import ItemDeleted, ItemFeaturesUpdated, ItemUpserted, event_to_bytes
+from workers.dispatcher import TASK_NAME, CelerySender, Dispatcher, DispatcherSettings, coalesce
+
+
+def up(item: str, v: int) -> ItemUpserted:
+    return ItemUpserted(item_id=item, version=v, title="t", category_path=("c",), images=("x.jpg",))
+
+
+class Handle:
+    def __init__(self, result: Any = None, exc: Exception | None = None, ready: bool = True) -> None:
+        self.result, self.exc, self._ready = result, exc, ready
+
+    def ready(self) -> bool:
+        return self._ready
+
+    def get(self, timeout: float) -> dict:
+        if self.exc:
+            raise self.exc
+        return self.result or {"indexed": [], "deleted": [], "stale": [], "dead_lettered": [], "features": []}
+
+
+class FakeSender:
+    """Fails the first ``fail`` sends (task error), or never finishes them with ``hang``."""
+
+    def __init__(self, fail: int = 0, hang: int = 0, result: dict | None = None) -> None:
+        self.calls: list[list[dict]] = []
+        self.fail, self.hang, self.result = fail, hang, result
+
+    def send(self, events: list[dict]) -> Handle:
+        self.calls.append(events)
+        n = len(self.calls)
+        if n <= self.hang:
+            return Handle(ready=False)
+        if n <= self.hang + self.fail:
+            return Handle(exc=RuntimeError("worker lost"))
+        return Handle(self.result)
+
+
+def settings(topic: str, dlq: str, **kw: Any) -> DispatcherSettings:
+    base = dict(
+        topic=topic, dlq_topic=dlq, max_batch=64, max_wait_ms=300, retry_backoff_s=0.05, metrics_port=0
+    )
+    return DispatcherSettings(**{**base, **kw})
+
+
+def make(bus: Bus, sender: FakeSender, partitions: int = 1, group: str | None = None, **kw: Any):
+    topic, dlq = bus.new_topic(partitions), bus.new_topic(1)
+    group = group or unique("g")
+    consumer = bus.consumer([topic], group)
+    return topic, dlq, group, Dispatcher(consumer, sender, bus.producer(), settings(topic, dlq, **kw))
+
+
+def publish(bus: Bus, topic: str, values: list[tuple[str, bytes]]) -> None:
+    with bus.producer() as p:
+        for key, value in values:
+            p.publish(topic, key, value)
+        p.flush(10)
+
+
+def dlq_reasons(bus: Bus, dlq: str, n: int, timeout: float = 10) -> list[str]:
+    from conftest import drain
+
+    with bus.consumer([dlq], unique("dlq")) as c:
+        return sorted(r.header(DLQ_REASON).decode() for r in drain(c, n, timeout=timeout))
+
+
+POISON = [
+    ("p1", b"{not json"),
+    ("p2", json.dumps({**up("p2", 1).model_dump(mode="json"), "schema_version": 2}).encode()),
+    ("p3", json.dumps({"type": "item_upserted", "item_id": "p3", "version": 1}).encode()),
+]
+
+
+def test_coalesces_dead_letters_and_commits(bus: Bus) -> None:
+    sender = FakeSender()
+    topic, dlq, group, d = make(bus, sender)
+    feats = [
+        ItemFeaturesUpdated(item_id="c", event_time=t, counters={"clicks": int(t)}) for t in (20.0, 10.0)
+    ]
+    events = [up("a", 1), up("a", 3), ItemDeleted(item_id="b", version=5), up("b", 4), up("a", 2), *feats]
+    publish(bus, topic, [(e.item_id, event_to_bytes(e)) for e in events] + POISON)
+    with d.consumer:
+        d.run(max_batches=1, idle_timeout=15)
+        assert d.consumer.committed(TopicPartition(topic, 0)) == len(events) + len(POISON)
+    (call,) = sender.calls
+    assert [(e["type"], e["item_id"], e.get("version")) for e in call] == [
+        ("item_upserted", "a", 3),
+        ("item_deleted", "b", 5),
+        ("item_features_updated", "c", None),
+    ]
+    assert call[2]["counters"]["clicks"] == 20
+    assert dlq_reasons(bus, dlq, 3) == ["invalid_event", "malformed_json", "unknown_schema_version"]
+
+
+def test_failed_task_is_retried_not_skipped_and_dlq_not_duplicated(bus: Bus) -> None:
+    sender = FakeSender(fail=2)
+    topic, dlq, group, d = make(bus, sender)
+    publish(bus, topic, [("a", event_to_bytes(up("a", 1))), ("b", event_to_bytes(up("b", 1))), POISON[0]])
+    tp = TopicPartition(topic, 0)
+    with d.consumer:
+        results = []
+        while not (results and results[-1].ok):
+            r = d.step()
+            if r is not None:
+                results.append(r)
+                if not r.ok:
+                    assert d.consumer.committed(tp) is None  # nothing committed after a failure
+        assert [r.ok for r in results] == [False, False, True]
+        assert d.consumer.committed(tp) == 3
+    assert len(sender.calls) == 3 and sender.calls[0] == sender.calls[2]
+    assert dlq_reasons(bus, dlq, 2, timeout=2.5) == ["malformed_json"]  # once, although the batch ran 3 times
+
+
+def test_no_commit_on_failure_means_redelivery_to_next_dispatcher(bus: Bus) -> None:
+    failing = FakeSender(fail=100)
+    topic, dlq, group, d = make(bus, failing)
+    publish(bus, topic, [("a", event_to_bytes(up("a", 1)))])
+    with d.consumer:
+        while d.step() is None:
+            pass
+    assert failing.calls  # it tried, failed, committed nothing, and went away
+    ok = FakeSender()
+    d2 = Dispatcher(bus.consumer([topic], group), ok, bus.producer(), settings(topic, dlq))
+    with d2.consumer:
+        d2.run(max_batches=1, idle_timeout=15)
+        assert d2.consumer.committed(TopicPartition(topic, 0)) == 1
+    assert ok.calls == [failing.calls[0]]
+
+
+def test_task_timeout_fails_the_batch_then_it_is_resent(bus: Bus) -> None:
+    sender = FakeSender(hang=1)
+    topic, dlq, group, d = make(bus, sender, task_timeout_s=0.3)
+    publish(bus, topic, [("a", event_to_bytes(up("a", 1)))])
+    with d.consumer:
+        d.run(max_batches=1, idle_timeout=15)
+        assert d.consumer.committed(TopicPartition(topic, 0)) == 1
+    assert len(sender.calls) == 2
+
+
+def test_task_dead_letters_count_as_done(bus: Bus) -> None:
+    result = {
+        "indexed": [],
+        "deleted": [],
+        "stale": [],
+        "features": [],
+        "dead_lettered": [{"item_id": "a", "reason": "bad_image"}],
+    }
+    sender = FakeSender(result=result)
+    topic, dlq, group, d = make(bus, sender)
+    publish(bus, topic, [("a", event_to_bytes(up("a", 1)))])
+    with d.consumer:
+        d.run(max_batches=1, idle_timeout=15)
+        assert d.consumer.committed(TopicPartition(topic, 0)) == 1
+
+
+def test_shutdown_abandons_the_in_flight_batch_uncommitted() -> None:
+    from events.bus import InMemoryBus
+
+    mem = InMemoryBus()
+    bus = Bus("memory", memory=mem)
+    sender = FakeSender(hang=100)
+    topic, dlq, group, d = make(bus, sender, shutdown_grace_s=0.2)
+    publish(bus, topic, [("a", event_to_bytes(up("a", 1)))])
+    threading.Timer(0.3, d.stop).start()
+    t0 = time.monotonic()
+    d.run(idle_timeout=10)
+    assert time.monotonic() - t0 < 3
+    assert d.consumer.committed(TopicPartition(topic, 0)) is None
+
+
+def test_batches_are_bounded_by_size_and_split_into_task_chunks() -> None:
+    from events.bus import InMemoryBus
+
+    bus = Bus("memory", memory=InMemoryBus())
+    sender = FakeSender()
+    topic, dlq, group, d = make(bus, sender, max_batch=10, task_chunk=4)
+    publish(bus, topic, [(f"i{i}", event_to_bytes(up(f"i{i}", 1))) for i in range(25)])
+    d.run(max_batches=3, idle_timeout=5)
+    assert [len(c) for c in sender.calls] == [4, 4, 2, 4, 4, 2, 4, 1]
+    assert d.consumer.committed(TopicPartition(topic, 0)) == 25
+
+
+def test_coalesce_equal_versions_keep_the_later_record() -> None:
+    later = ItemDeleted(item_id="a", version=2)
+    assert coalesce([up("a", 2), later]) == [later]
+    assert coalesce([later, up("a", 2)])[0].type == "item_upserted"
+
+
+@pytest.mark.integration
+def test_celery_sender_round_trip_with_redis() -> None:
+    """The real Celery-backed sender: send_task by name, wait for the result, forget it."""
+    import redis
+    from celery import Celery
+    from celery.contrib.testing.worker import start_worker
+
+    url = "redis://127.0.0.1:6379/11"  # a dedicated DB; only keys this test created are deleted
+    r = redis.Redis.from_url(url)
+    try:
+        r.ping()
+    except redis.ConnectionError:
+        pytest.skip("no Redis on 127.0.0.1:6379")
+    before = set(r.keys("*"))
+    queue = unique("tongkuan-test")
+    app = Celery("dispatcher-test", broker=url, backend=url)
+    app.conf.update(task_default_queue=queue, broker_connection_retry_on_startup=False)
+
+    @app.task(name=TASK_NAME)
+    def apply(events: list[dict]) -> dict:
+        return {
+            "indexed": [e["item_id"] for e in events],
+            "deleted": [],
+            "stale": [],
+            "dead_lettered": [],
+            "features": [],
+        }
+
+    try:
+        with start_worker(app, pool="solo", perform_ping_check=False, queues=[queue], loglevel="WARNING"):
+            handle = CelerySender(app).send([up("a", 1).model_dump(mode="json")])
+            deadline = time.monotonic() + 10
+            while not handle.ready() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert handle.get(timeout=5)["indexed"] == ["a"]
+    finally:
+        created = set(r.keys("*")) - before
+        if created:
+            r.delete(*created)
+        r.close()

@@ -1,0 +1,206 @@
+"""POST /v1/hooks/catalog: signature, replay window, size cap, per-event validation, publish."""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+
+import pytest
+from conftest import drain, unique
+from pydantic import ValidationError
+
+from events.bus import EventProducer, InMemoryBus, PublishError
+from events.hook import HookSettings, create_app, sign, signed_headers
+from events.models import parse_event
+from events.topics import CATALOG_ITEMS
+
+with warnings.catch_warnings():
+    # starlette 1.x asks for ``httpx2`` (not installed here); the httpx path still works.
+    warnings.simplefilter("ignore")
+    from fastapi.testclient import TestClient
+
+SECRET = "s" * 40
+
+
+def _settings(**kw) -> HookSettings:
+    return HookSettings(hook_secret=SECRET, environment="production", **kw)
+
+
+def upsert(item_id: str, version: int = 1, **kw) -> dict:
+    return {
+        "type": "item_upserted",
+        "item_id": item_id,
+        "version": version,
+        "title": "red mug",
+        "category_path": ["home", "mugs"],
+        "images": [f"https://img.example/{item_id}.jpg"],
+        **kw,
+    }
+
+
+@pytest.fixture
+def mem() -> InMemoryBus:
+    return InMemoryBus()
+
+
+@pytest.fixture
+def client(mem: InMemoryBus):
+    with TestClient(create_app(producer=mem.producer(), settings=_settings(hook_max_body_bytes=4096))) as c:
+        yield c
+
+
+def post(client: TestClient, payload, secret: str = SECRET, ts: int | None = None, raw: bytes | None = None):
+    body = raw if raw is not None else json.dumps(payload).encode()
+    return client.post("/v1/hooks/catalog", content=body, headers=signed_headers(secret, body, ts))
+
+
+def test_accepts_one_event_and_publishes_it_keyed_by_item(client: TestClient, mem: InMemoryBus) -> None:
+    r = post(client, upsert("a1", 3))
+    assert r.status_code == 202, r.text
+    assert r.json() == {"accepted": ["a1"], "rejected": []}
+    (rec,) = mem.records(CATALOG_ITEMS)
+    assert rec.key == b"a1" and rec.header("type") == b"item_upserted"
+    assert parse_event(rec.value).version == 3
+
+
+def test_batch_with_some_invalid_is_202_with_reasons(client: TestClient, mem: InMemoryBus) -> None:
+    batch = [
+        upsert("a1"),
+        upsert("a2", schema_version=2),
+        {"type": "item_deleted", "item_id": "a3", "version": 4},
+        "not an object",
+        upsert("a4", version=-1),
+    ]
+    r = post(client, batch)
+    assert r.status_code == 202
+    body = r.json()
+    assert body["accepted"] == ["a1", "a3"]
+    reasons = {x["index"]: x for x in body["rejected"]}
+    assert set(reasons) == {1, 3, 4}
+    assert "schema_version" in reasons[1]["reason"] and reasons[1]["item_id"] == "a2"
+    assert "version" in reasons[4]["reason"]
+    assert [r.key for r in mem.records(CATALOG_ITEMS)] == [b"a1", b"a3"] or len(
+        mem.records(CATALOG_ITEMS)
+    ) == 2
+
+
+def test_nothing_valid_is_422(client: TestClient, mem: InMemoryBus) -> None:
+    r = post(client, [upsert("a1", schema_version=9)])
+    assert r.status_code == 422
+    assert r.json()["accepted"] == [] and r.json()["rejected"][0]["index"] == 0
+    assert mem.records(CATALOG_ITEMS) == []
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["missing", "wrong_secret", "tampered", "old", "future", "malformed_ts", "no_prefix"],
+)
+def test_bad_signatures_are_401(client: TestClient, mem: InMemoryBus, case: str) -> None:
+    body = json.dumps(upsert("a1")).encode()
+    now = int(time.time())
+    headers = signed_headers(SECRET, body, now)
+    if case == "missing":
+        headers.pop("X-Tongkuan-Signature")
+    elif case == "wrong_secret":
+        headers = signed_headers("x" * 40, body, now)
+    elif case == "tampered":
+        body = body.replace(b"red", b"blue")
+    elif case == "old":
+        headers = signed_headers(SECRET, body, now - 301)
+    elif case == "future":
+        headers = signed_headers(SECRET, body, now + 301)
+    elif case == "malformed_ts":
+        headers["X-Tongkuan-Timestamp"] = "yesterday"
+    elif case == "no_prefix":
+        headers["X-Tongkuan-Signature"] = headers["X-Tongkuan-Signature"].removeprefix("sha256=")
+    r = client.post("/v1/hooks/catalog", content=body, headers=headers)
+    assert r.status_code == 401
+    assert mem.records(CATALOG_ITEMS) == []
+
+
+def test_inside_the_window_both_directions_is_accepted(client: TestClient) -> None:
+    now = int(time.time())
+    assert post(client, upsert("a1"), ts=now - 250).status_code == 202
+    assert post(client, upsert("a1"), ts=now + 250).status_code == 202
+
+
+def test_oversized_body_is_413_before_signature_check(client: TestClient) -> None:
+    big = [upsert(f"i{i}") for i in range(100)]
+    r = post(client, big, secret="wrong" * 10)
+    assert r.status_code == 413
+
+
+def test_unparsable_body_is_400(client: TestClient) -> None:
+    assert post(client, None, raw=b"{not json").status_code == 400
+    assert post(client, 42).status_code == 400
+    assert post(client, []).status_code == 400
+
+
+class _DownProducer(EventProducer):
+    def publish(self, topic, key, value, headers=None) -> None:
+        pass
+
+    def flush(self, timeout=None) -> None:
+        raise PublishError("broker not acknowledging")
+
+
+def test_publish_failure_is_503_and_claims_nothing() -> None:
+    with TestClient(create_app(producer=_DownProducer(), settings=_settings())) as c:
+        r = post(c, [upsert("a1"), upsert("a2")])
+    assert r.status_code == 503
+    assert "accepted" not in r.json()
+
+
+def test_healthz_and_metrics(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    post(client, upsert("a1"))
+    text = client.get("/metrics").text
+    assert 'tongkuan_hook_events_total{outcome="accepted"}' in text
+
+
+def test_sign_matches_the_documented_scheme() -> None:
+    import hashlib
+    import hmac
+
+    expected = hmac.new(b"k", b"123." + b"{}", hashlib.sha256).hexdigest()
+    assert sign("k", 123, b"{}") == "sha256=" + expected
+
+
+@pytest.mark.parametrize("secret", ["changethis", "short-but-not-placeholder"])
+def test_placeholder_or_short_secret_refused_outside_development(secret: str) -> None:
+    with pytest.raises(ValidationError, match="TONGKUAN_HOOK_SECRET"):
+        HookSettings(hook_secret=secret, environment="production")
+    assert (
+        HookSettings(hook_secret=secret, environment="development").hook_secret.get_secret_value() == secret
+    )
+
+
+def test_secret_is_required(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TONGKUAN_HOOK_SECRET", raising=False)
+    with pytest.raises(ValidationError):
+        HookSettings()
+
+
+@pytest.mark.integration
+def test_hook_to_kafka_end_to_end(kafka_settings) -> None:
+    from events.kafka import KafkaEventConsumer, make_producer
+
+    prefix = unique("e2e")
+    producer = make_producer(kafka_settings)
+    try:
+        with TestClient(create_app(producer=producer, settings=_settings())) as c:
+            r = post(
+                c,
+                [upsert(f"{prefix}-1", 1), upsert(f"{prefix}-2", 2), upsert(f"{prefix}-3", schema_version=3)],
+            )
+        assert r.status_code == 202 and r.json()["accepted"] == [f"{prefix}-1", f"{prefix}-2"]
+    finally:
+        producer.close()
+    with KafkaEventConsumer([CATALOG_ITEMS], unique("g"), kafka_settings) as consumer:
+        ours: list = []
+        deadline = time.monotonic() + 15
+        while len(ours) < 2 and time.monotonic() < deadline:
+            ours += [r for r in drain(consumer, 50, timeout=1) if r.key.decode().startswith(prefix)]
+    assert sorted(r.key.decode() for r in ours) == [f"{prefix}-1", f"{prefix}-2"]
+    assert {parse_event(r.value).item_id for r in ours} == {f"{prefix}-1", f"{prefix}-2"}
