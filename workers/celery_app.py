@@ -152,7 +152,12 @@ def _on_ready(sender=None, **_: object) -> None:
     ws = get_worker_settings()
     pool = type(getattr(sender, "pool", None)).__module__.rsplit(".", 1)[-1]  # solo/thread/prefork
     concurrency = getattr(getattr(sender, "pool", None), "limit", None) or ws.worker_concurrency
-    tasks.check_worker_pool(pool, int(concurrency))
+    try:
+        tasks.check_worker_pool(pool, int(concurrency))
+    except RuntimeError as e:
+        # Celery logs and swallows exceptions from signal handlers; SystemExit stops the worker.
+        log.critical("%s", e)
+        raise SystemExit(2) from e
     if pool == "thread":
         metrics.start_worker_metrics(ws, child=False)
     if ws.warmup and pool != "prefork":  # prefork children load on their first task
