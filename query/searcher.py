@@ -81,8 +81,8 @@ class Searcher:
         t0 = time.perf_counter()
         q = self.embedder.embed_query(image, max_regions=max_objects)
         timings["localize+embed"] = (time.perf_counter() - t0) * 1000
-        for k, v in getattr(q, "timings_ms", {}).items():
-            timings[k] = v
+        for stage, seconds in getattr(self.embedder, "timings", {}).items():
+            timings[stage] = seconds * 1000
         objects = []
         search_ms = 0.0
         for i in range(min(max_objects, len(q.vectors))):

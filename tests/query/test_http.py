@@ -1,0 +1,73 @@
+"""The query routes on the real vision runtime and embedded index. Bad input → what each gets:
+corrupt/empty/non-image body → 422 with the reason code; body over the cap → 413; unknown item id → 404."""
+
+import io
+
+import pytest
+from fastapi.testclient import TestClient
+
+from events.bus import InMemoryBus
+from events.hook import HookSettings
+from index.edge import EdgeIndex
+from query.searcher import Searcher
+from tests.vision.conftest import DATA, model_dir, pipeline  # noqa: F401 - fixtures
+from tongkuan.api import create_app
+from workers.catalog import read_catalog
+from workers.fetch import ImageFetcher
+from workers.pipeline import ingest_stream
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory, pipeline):  # noqa: F811
+    root = DATA / "dataset" / "iconic-images-and-descriptions" / "Fruit"
+    if not root.is_dir():
+        pytest.skip("grocery dataset not available")
+    index = EdgeIndex(tmp_path_factory.mktemp("idx"), pipeline.dim, model_id=pipeline.model_id)
+    ingest_stream(read_catalog(root), index=index, embedder=pipeline, fetcher=ImageFetcher())
+    searcher = Searcher(index, pipeline, max_image_bytes=2_000_000)
+    app = create_app(searcher=searcher, producer=InMemoryBus().producer(),
+                     hook_settings=HookSettings(hook_secret="x" * 40))
+    with TestClient(app) as c:
+        yield c
+    index.close()
+
+
+def test_search_finds_the_same_product(client):
+    img = DATA / "dataset/iconic-images-and-descriptions/Fruit/Apple/Pink-Lady/Pink-Lady_Iconic.jpg"
+    r = client.post("/v1/search?limit=3", content=img.read_bytes(), headers={"content-type": "image/jpeg"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["objects"][0]["hits"][0]["item_id"] == "Apple/Pink-Lady"
+    assert len(body["objects"][0]["hits"]) == 3
+    assert {"decode", "search"} <= set(body["timings_ms"])
+
+
+@pytest.mark.parametrize(
+    "payload,reason",
+    [(b"", "empty"), (b"plain text, not a picture", "unsupported"), (b"\xff\xd8\xff\xe0" + b"\0" * 64, "corrupt")],
+)
+def test_bad_images_get_422_with_reason(client, payload, reason):
+    r = client.post("/v1/search", content=payload)
+    assert r.status_code == 422
+    assert r.json()["detail"]["reason"] == reason
+
+
+def test_oversized_upload_gets_413(client):
+    r = client.post("/v1/search", content=b"\xff\xd8\xff" + b"0" * 2_100_000)
+    assert r.status_code == 413
+
+
+def test_similar_items_and_unknown_id(client):
+    r = client.get("/v1/items/Apple/Pink-Lady/similar?limit=2")  # ids may contain slashes
+    assert r.status_code == 200, r.text
+    hits = r.json()
+    assert len(hits) == 2 and all(h["item_id"] != "Apple/Pink-Lady" for h in hits)
+    r = client.get("/v1/items/nope/similar")
+    assert r.status_code == 404 and "unknown item id" in r.text
+
+
+def test_metrics_and_health(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/metrics").status_code == 200
