@@ -197,6 +197,8 @@ class ModelRegistry:
     def set_active(self, name: str) -> None:
         data = self._load()
         if name not in data["models"]:
-            raise ModelNotAvailable(f"cannot activate unknown model {name!r} (known: {sorted(data['models'])})")
+            raise ModelNotAvailable(
+                f"cannot activate unknown model {name!r} (known: {sorted(data['models'])})"
+            )
         data["active"] = name
         self._save(data)

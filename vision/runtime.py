@@ -162,8 +162,10 @@ class VisionPipeline:
             if full_vec is not None and len(todo) < len(regions):
                 vectors[[i for i in range(len(regions)) if i not in todo]] = full_vec
             if todo:
-                crops = [image if regions[i].box == full.box else regions[i].crop(image, self.entry.crop.margin)
-                         for i in todo]
+                crops = [
+                    image if regions[i].box == full.box else regions[i].crop(image, self.entry.crop.margin)
+                    for i in todo
+                ]
                 vectors[todo] = self.embed_images(crops)
         return QueryEmbedding(vectors=vectors, regions=regions, model_id=self.model_id)
 

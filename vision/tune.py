@@ -106,8 +106,15 @@ class Extractor:
         return full, pool_all(self.features(preprocess(crop_imgs, cfg)))
 
 
-def embed_set(ext: Extractor, s: ImageSet, cfgs: list[Preprocess], margin: float, batch: int, name: str,
-              crops: bool = True):
+def embed_set(
+    ext: Extractor,
+    s: ImageSet,
+    cfgs: list[Preprocess],
+    margin: float,
+    batch: int,
+    name: str,
+    crops: bool = True,
+):
     """{(size, norm_key, 'full'|'crop', pool): (N, C)} for one image set."""
     out: dict[tuple, list[np.ndarray]] = {}
     t0 = time.perf_counter()
@@ -121,6 +128,8 @@ def embed_set(ext: Extractor, s: ImageSet, cfgs: list[Preprocess], margin: float
                 for pool, v in (d or {}).items():
                     out.setdefault((*key, side, pool), []).append(v)
         done = min(i + batch, len(s.paths))
+        if (i // batch) % 10 and done < len(s.paths):
+            continue
         rate = done / (time.perf_counter() - t0)
         print(f"  {name}: {done}/{len(s.paths)} images ({rate:.1f} img/s, all configs)", flush=True)
     return {k: np.concatenate(v) for k, v in out.items()}
@@ -173,16 +182,22 @@ def main(argv: list[str] | None = None) -> int:
                     keep.append(i)
             train = ImageSet([train.paths[i] for i in keep], train.labels[keep])
         sets["photos"] = train
-    print(f"tuning on {args.data} split={args.split}: {len(queries.paths)} queries, "
-          f"{len(catalog.paths)} catalog images, {len(sets.get('photos', catalog).paths)} gallery photos; "
-          f"sizes {sizes}", flush=True)
+    print(
+        f"tuning on {args.data} split={args.split}: {len(queries.paths)} queries, "
+        f"{len(catalog.paths)} catalog images, {len(sets.get('photos', catalog).paths)} gallery photos; "
+        f"sizes {sizes}",
+        flush=True,
+    )
 
     t0 = time.perf_counter()
     emb = {name: embed_set(ext, s, cfgs, args.margin, args.batch, name) for name, s in sets.items()}
     embed_s = time.perf_counter() - t0
 
-    scale_sets = [(s,) for s in sizes] + [c for c in [(224, 288), (256, 320), (224, 320), tuple(sizes)]
-                                          if all(x in sizes for x in c) and len(c) > 1]
+    scale_sets = [(s,) for s in sizes] + [
+        c
+        for c in [(224, 288), (256, 320), (224, 320), tuple(sizes)]
+        if all(x in sizes for x in c) and len(c) > 1
+    ]
     scale_sets = list(dict.fromkeys(scale_sets))
 
     def vec(name: str, scales: tuple, norm: str, side: str, pool: str) -> np.ndarray:
@@ -205,13 +220,26 @@ def main(argv: list[str] | None = None) -> int:
     for pool in POOLS:  # normalisation check, full images at 224
         q = vec("query", (224,), "torchvision", "full", pool)
         row = {"norm": "torchvision", "scales": [224], "pooling": pool, "query": "full", "catalog": "full"}
-        row.update({f"p2c_{k}": v for k, v in
-                    recall(q, vec("catalog", (224,), "torchvision", "full", pool), queries.labels,
-                           catalog.labels).items()})
+        row.update(
+            {
+                f"p2c_{k}": v
+                for k, v in recall(
+                    q, vec("catalog", (224,), "torchvision", "full", pool), queries.labels, catalog.labels
+                ).items()
+            }
+        )
         if "photos" in sets:
-            row.update({f"p2p_{k}": v for k, v in
-                        recall(q, vec("photos", (224,), "torchvision", "full", pool), queries.labels,
-                               sets["photos"].labels).items()})
+            row.update(
+                {
+                    f"p2p_{k}": v
+                    for k, v in recall(
+                        q,
+                        vec("photos", (224,), "torchvision", "full", pool),
+                        queries.labels,
+                        sets["photos"].labels,
+                    ).items()
+                }
+            )
         rows.append(row)
 
     def score(r: dict) -> float:  # both tasks count equally
@@ -221,16 +249,25 @@ def main(argv: list[str] | None = None) -> int:
         r["score"] = round(score(r) / 2, 4)
     rows.sort(key=lambda r: -r["score"])
     best = rows[0]
-    baseline = next(r for r in rows if r["norm"] == "tf" and r["scales"] == [224] and r["pooling"] == "gap"
-                    and r["query"] == "full" and r["catalog"] == "full")
+    baseline = next(
+        r
+        for r in rows
+        if r["norm"] == "tf"
+        and r["scales"] == [224]
+        and r["pooling"] == "gap"
+        and r["query"] == "full"
+        and r["catalog"] == "full"
+    )
     best_nocrop = next(r for r in rows if r["query"] == "full" and r["catalog"] == "full")
 
     hdr = f"{'norm':<11} {'scales':<17} {'pool':<5} {'query':<9} {'catalog':<7} {'p2c R@1':>7} {'p2c R@5':>7} {'p2p R@1':>7} {'p2p R@5':>7}"
 
     def fmt(r: dict) -> str:
-        return (f"{r['norm']:<11} {','.join(map(str, r['scales'])):<17} {r['pooling']:<5} {r['query']:<9} "
-                f"{r['catalog']:<7} {r['p2c_R@1']:>7.3f} {r['p2c_R@5']:>7.3f} {r.get('p2p_R@1', float('nan')):>7.3f} "
-                f"{r.get('p2p_R@5', float('nan')):>7.3f}")
+        return (
+            f"{r['norm']:<11} {','.join(map(str, r['scales'])):<17} {r['pooling']:<5} {r['query']:<9} "
+            f"{r['catalog']:<7} {r['p2c_R@1']:>7.3f} {r['p2c_R@5']:>7.3f} {r.get('p2p_R@1', float('nan')):>7.3f} "
+            f"{r.get('p2p_R@5', float('nan')):>7.3f}"
+        )
 
     print(f"\nembedding took {embed_s:.0f}s; {len(rows)} configs. Top 20 by mean(p2c R@1, p2p R@1):")
     print(hdr)
@@ -245,10 +282,17 @@ def main(argv: list[str] | None = None) -> int:
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     report = {
-        "data": str(args.data), "split": args.split, "model": entry.model_id, "margin": args.margin,
-        "n_queries": len(queries.paths), "n_catalog": len(catalog.paths),
+        "data": str(args.data),
+        "split": args.split,
+        "model": entry.model_id,
+        "margin": args.margin,
+        "n_queries": len(queries.paths),
+        "n_catalog": len(catalog.paths),
         "n_photos": len(sets["photos"].paths) if "photos" in sets else 0,
-        "embed_seconds": round(embed_s, 1), "best": best, "best_no_crop": best_nocrop, "baseline": baseline,
+        "embed_seconds": round(embed_s, 1),
+        "best": best,
+        "best_no_crop": best_nocrop,
+        "baseline": baseline,
         "rows": rows,
     }
     out_path.write_text(json.dumps(report, indent=1) + "\n")

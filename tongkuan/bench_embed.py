@@ -1,0 +1,229 @@
+"""Embedding benchmark (``make bench-embed``): throughput and single-query latency per stage.
+
+    python -m tongkuan.bench_embed [--data /work/shared/datasets/grocery] [--images 64] [--queries 100]
+
+1. Throughput, images/s, on real dataset photos already pre-processed (model only), at batch 1 and
+   batch 32: torch eager (the reference backbone) vs ONNX Runtime (the served graph); plus the
+   serving call ``VisionPipeline.embed_catalog`` (pre-processing and crop policy included).
+2. Single-query latency per stage — decode (bytes -> RGB), localize, embed — median and p95, as
+   the query service runs them (``VisionPipeline.embed_query``).
+
+Writes ``reports/bench-embed.json`` and a latency histogram ``reports/bench-embed.png``.
+Hook for later stages: ``query_stages(pipe, data, extra={"search": fn})`` times ``fn(query)`` as a
+further stage, so the search benchmark can reuse this loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from tongkuan.settings import Settings
+from vision.decode import decode_image
+from vision.preprocess import preprocess
+from vision.runtime import QueryEmbedding, VisionPipeline
+
+STAGES = ("decode", "localize", "embed")
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def dataset_paths(data: Path, n: int) -> list[Path]:
+    """``n`` shop photos spread over the val and train lists of a GroceryStore-layout directory."""
+    root = data / "dataset"
+    paths = []
+    for split in ("val", "train"):
+        f = root / f"{split}.txt"
+        if f.exists():
+            paths += [
+                root / line.split(",")[0].strip() for line in f.read_text().splitlines() if line.strip()
+            ]
+    if not paths:
+        raise SystemExit(f"no images listed under {root} (expected val.txt/train.txt)")
+    step = max(1, len(paths) // n)
+    return paths[::step][:n]
+
+
+def query_stages(
+    pipe: VisionPipeline,
+    data: bytes,
+    *,
+    max_regions: int = 3,
+    extra: Mapping[str, Callable[[QueryEmbedding], object]] | None = None,
+) -> dict[str, float]:
+    """Seconds per stage for one query: decode, localize, embed, then each ``extra`` stage."""
+    t0 = time.perf_counter()
+    image = decode_image(data)
+    stages = {"decode": time.perf_counter() - t0}
+    q = pipe.embed_query(image, max_regions=max_regions)
+    stages.update({k: pipe.timings.get(k, 0.0) for k in ("localize", "embed")})
+    for name, fn in (extra or {}).items():
+        t = time.perf_counter()
+        fn(q)
+        stages[name] = time.perf_counter() - t
+    stages["total"] = sum(stages.values())
+    return stages
+
+
+def _rate(fn: Callable[[np.ndarray], object], x: np.ndarray, batch: int, min_s: float = 2.0) -> float:
+    """images/s running ``fn`` over ``x`` in batches (one warm-up batch, at least ``min_s`` seconds)."""
+    fn(x[:batch])
+    done, t0 = 0, time.perf_counter()
+    while True:
+        for i in range(0, len(x) - batch + 1, batch):
+            fn(x[i : i + batch])
+            done += batch
+        if time.perf_counter() - t0 >= min_s:
+            return done / (time.perf_counter() - t0)
+
+
+def throughput(pipe: VisionPipeline, images, batches: list[int], threads: int) -> list[dict]:
+    import torch
+
+    from vision.backbone import LiteBackbone
+
+    if threads:
+        torch.set_num_threads(threads)
+    entry = pipe.entry
+    x = preprocess(images, entry.preprocessing)
+    with contextlib.redirect_stdout(io.StringIO()):
+        model = LiteBackbone(pooling=entry.pooling["type"], gem_p=entry.pooling.get("p", 3.0))
+
+    def torch_fn(b: np.ndarray):
+        with torch.inference_mode():
+            return model(torch.from_numpy(b))[1]
+
+    rows = []
+    for engine, fn in (
+        ("torch-eager", torch_fn),
+        ("onnxruntime", lambda b: pipe.embedder.run(b, features=False)),
+    ):
+        for bs in batches:
+            log(f"  throughput: {engine} batch {bs} ...")
+            r = _rate(fn, x, bs)
+            rows.append({"engine": engine, "what": "model", "batch": bs, "images_per_s": round(r, 1)})
+            log(f"    {r:.1f} images/s")
+    for bs in batches:
+        log(f"  throughput: VisionPipeline.embed_catalog batch {bs} (pre-processing + crop policy) ...")
+        t0 = time.perf_counter()
+        pipe.embed_catalog(images[: max(bs, 1)], batch_size=bs)  # warm-up
+        t0 = time.perf_counter()
+        pipe.embed_catalog(images, batch_size=bs)
+        r = len(images) / (time.perf_counter() - t0)
+        rows.append(
+            {"engine": "onnxruntime", "what": "embed_catalog", "batch": bs, "images_per_s": round(r, 1)}
+        )
+        log(f"    {r:.1f} images/s")
+    return rows
+
+
+def summarize(samples: list[dict[str, float]]) -> dict[str, dict[str, float]]:
+    out = {}
+    for k in samples[0]:
+        v = np.array([s[k] for s in samples]) * 1000
+        out[k] = {
+            "median_ms": round(float(np.median(v)), 2),
+            "p95_ms": round(float(np.percentile(v, 95)), 2),
+            "mean_ms": round(float(v.mean()), 2),
+        }
+    return out
+
+
+def plot(samples: list[dict[str, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(samples[0])
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3), constrained_layout=True)
+    for ax, k in zip(np.atleast_1d(axes), keys, strict=True):
+        v = np.array([s[k] for s in samples]) * 1000
+        ax.hist(v, bins=30, color="tab:blue")
+        ax.axvline(np.median(v), color="k", ls="--", lw=1, label=f"median {np.median(v):.1f}")
+        ax.axvline(np.percentile(v, 95), color="r", ls=":", lw=1, label=f"p95 {np.percentile(v, 95):.1f}")
+        ax.set_title(k)
+        ax.set_xlabel("ms")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"single-query latency per stage ({len(samples)} queries)")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, default=Path("/work/shared/datasets/grocery"))
+    ap.add_argument("--images", type=int, default=64, help="images for the throughput runs")
+    ap.add_argument("--queries", type=int, default=100, help="single queries for the latency run")
+    ap.add_argument("--batches", default="1,32")
+    ap.add_argument("--max-regions", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="ORT/torch threads (default: settings)")
+    ap.add_argument("--out", type=Path, default=Path("reports/bench-embed.json"))
+    args = ap.parse_args(argv)
+
+    settings = Settings()
+    if args.threads is not None:
+        settings = settings.model_copy(update={"ort_threads": args.threads})
+    pipe = VisionPipeline.from_settings(settings)
+    log(f"model {pipe.model_id} ({pipe.embedder.providers[0]}), data {args.data}")
+    batches = [int(b) for b in args.batches.split(",")]
+
+    n = max(args.images, args.queries, max(batches))
+    paths = dataset_paths(args.data, n)
+    blobs = [p.read_bytes() for p in paths]
+    images = [decode_image(b) for b in blobs[: args.images]]
+    log(f"throughput on {len(images)} images")
+    rows = throughput(pipe, images, batches, settings.ort_threads)
+
+    log(f"latency: {args.queries} single queries (max_regions={args.max_regions})")
+    query_stages(pipe, blobs[0], max_regions=args.max_regions)  # warm-up
+    samples = []
+    for i, data in enumerate(blobs[: args.queries]):
+        samples.append(query_stages(pipe, data, max_regions=args.max_regions))
+        if (i + 1) % 25 == 0:
+            log(f"  {i + 1}/{args.queries}")
+    latency = summarize(samples)
+
+    print(f"\nthroughput ({pipe.model_id}, {len(images)} real images, input {pipe.entry.input_size}px)")
+    print(f"{'engine':<13} {'what':<14} {'batch':>5} {'images/s':>9}")
+    for r in rows:
+        print(f"{r['engine']:<13} {r['what']:<14} {r['batch']:>5} {r['images_per_s']:>9.1f}")
+    print(f"\nsingle-query latency ({len(samples)} queries, max_regions={args.max_regions})")
+    print(f"{'stage':<10} {'median ms':>9} {'p95 ms':>8}")
+    for k, v in latency.items():
+        print(f"{k:<10} {v['median_ms']:>9.2f} {v['p95_ms']:>8.2f}")
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    png = args.out.with_suffix(".png")
+    plot(samples, png)
+    report = {
+        "model_id": pipe.model_id,
+        "providers": pipe.embedder.providers,
+        "input_size": pipe.entry.input_size,
+        "scales": list(pipe.entry.all_sizes),
+        "crop": vars(pipe.entry.crop),
+        "threads": settings.ort_threads,
+        "machine": {"platform": platform.platform(), "python": platform.python_version()},
+        "data": str(args.data),
+        "throughput": rows,
+        "latency": latency,
+        "max_regions": args.max_regions,
+    }
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"\nwrote {args.out} and {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
