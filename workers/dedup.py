@@ -3,7 +3,12 @@
 dHash (difference hash): greyscale, resize to 9x8, one bit per horizontal neighbour comparison. It is
 robust to resizing, brightness and mild blur, and the fastest of the perceptual hashes (WeChat's
 choice for catalog dedup). Two images whose dHashes differ in at most ``NEAR_DUP_MAX_BITS`` bits are
-near duplicates.
+near-duplicate candidates.
+
+Packshots of *different* products on the same white background share most of the 9x8 grid (on the
+grocery catalog, 20 of 81 products fell into 5 false groups), so the hash is taken of the picture with
+its uniform border trimmed (``trim_background``), and ingest also requires the embeddings to agree
+(``NEAR_DUP_MIN_COSINE``) before linking two items as twins.
 """
 
 from __future__ import annotations
@@ -11,13 +16,22 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageChops
 
 NEAR_DUP_MAX_BITS = 6
+NEAR_DUP_MIN_COSINE = 0.92
 
 
 def md5_hex(data: bytes) -> str:
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def trim_background(img: Image.Image, tol: int = 24) -> Image.Image:
+    """Crop a uniform border (the top-left pixel's colour, within ``tol``)."""
+    img = img.convert("RGB")
+    bg = Image.new("RGB", img.size, img.getpixel((0, 0)))
+    box = ImageChops.difference(img, bg).convert("L").point(lambda v: 255 if v > tol else 0).getbbox()
+    return img.crop(box) if box and (box[2] - box[0]) >= 9 and (box[3] - box[1]) >= 8 else img
 
 
 def dhash64(image: Image.Image) -> int:

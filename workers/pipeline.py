@@ -19,7 +19,7 @@ from PIL import Image
 from events.item import CatalogItem, ItemFailure
 from index.base import IndexPoint, VectorIndex
 from vision.decode import ImageError, decode_image
-from workers.dedup import NEAR_DUP_MAX_BITS, dhash_hex, hamming, md5_hex
+from workers.dedup import NEAR_DUP_MAX_BITS, NEAR_DUP_MIN_COSINE, dhash_hex, hamming, md5_hex, trim_background
 from workers.fetch import FetchError, ImageFetcher
 
 log = logging.getLogger(__name__)
@@ -115,7 +115,7 @@ def ingest_items(
             with timer("decode"):
                 image = decode_image(data, max_bytes=fetcher.max_bytes, max_pixels=max_pixels)
             with timer("hash"):
-                prepared.append(_Prepared(it, image, md5_hex(data), dhash_hex(image)))
+                prepared.append(_Prepared(it, image, md5_hex(data), dhash_hex(trim_background(image))))
         except FetchError as e:
             report.failures.append(ItemFailure(item_id=it.item_id, reason=e.reason, detail=e.detail))
         except ImageError as e:
@@ -183,33 +183,35 @@ def _latest_per_item(items: Sequence[CatalogItem]) -> list[CatalogItem]:
 
 
 def _find_twins(prepared: Sequence[_Prepared], vectors: np.ndarray, index: VectorIndex) -> dict[str, str]:
-    """Link each new item to an indexed (or earlier in-batch) item with the same bytes (MD5) or a
-    near-identical picture (dHash within NEAR_DUP_MAX_BITS bits). Twins are still indexed; the query
-    side collapses them. Candidates come from the item's nearest neighbours in its own shard, since a
-    near-duplicate image is also a near neighbour in embedding space."""
+    """Link each new item to an indexed (or earlier in-batch) item with the same bytes (MD5), or with
+    a near-identical picture: dHash within NEAR_DUP_MAX_BITS bits *and* embeddings at cosine
+    >= NEAR_DUP_MIN_COSINE (the hash alone confuses packshots on the same white background). Twins
+    are still indexed; the query side collapses them. Candidates are the item's nearest neighbours in
+    its own shard, since a near-duplicate picture is also a near neighbour in embedding space."""
     twins: dict[str, str] = {}
-    seen_md5: dict[str, str] = {}
-    seen_dhash: list[tuple[str, str]] = []
+    seen: list[tuple[str, _Prepared, int]] = []  # (group root, item, row in vectors)
+
+    def near(md5_a, dhash_a, md5_b, dhash_b, cosine) -> bool:
+        if md5_a == md5_b:
+            return True
+        return bool(dhash_b) and hamming(dhash_a, dhash_b) <= NEAR_DUP_MAX_BITS and cosine >= NEAR_DUP_MIN_COSINE
+
     for i, p in enumerate(prepared):
         me = p.item.item_id
-        twin = seen_md5.get(p.md5) or next(
-            (other for other, h in seen_dhash if hamming(h, p.dhash) <= NEAR_DUP_MAX_BITS), None
+        twin = next(
+            (root for root, q, j in seen
+             if near(p.md5, p.dhash, q.md5, q.dhash, float(vectors[i] @ vectors[j]))),
+            None,
         )
         if twin is None:
             for hit in index.search(vectors[i], limit=TWIN_CANDIDATES, shards=[p.item.shard]):
-                if hit.item_id == me:
-                    continue
                 other = hit.payload
-                if other.get("md5") == p.md5 or (
-                    other.get("dhash") and hamming(other["dhash"], p.dhash) <= NEAR_DUP_MAX_BITS
-                ):
+                if hit.item_id != me and near(p.md5, p.dhash, other.get("md5"), other.get("dhash"), hit.score):
                     twin = other.get("duplicate_of") or hit.item_id
                     break
         if twin is not None and twin != me:
             twins[me] = twin
-        root = twins.get(me, me)  # link to the group's first item, never to another twin
-        seen_md5.setdefault(p.md5, root)
-        seen_dhash.append((root, p.dhash))
+        seen.append((twins.get(me, me), p, i))  # link to the group's first item, never to a twin
     return twins
 
 

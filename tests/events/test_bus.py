@@ -6,7 +6,7 @@ import time
 from collections import defaultdict
 
 import pytest
-from conftest import Bus, drain, unique
+from tests.events.conftest import Bus, drain, unique
 
 from events.bus import InMemoryBus, PublishError, TopicPartition
 

@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 import pytest
-from conftest import Bus, unique
+from tests.events.conftest import Bus, unique
 
 from events.bus import DLQ_REASON, TopicPartition
 from events.models import ItemDeleted, ItemFeaturesUpdated, ItemUpserted, event_to_bytes
@@ -74,7 +74,7 @@ def publish(bus: Bus, topic: str, values: list[tuple[str, bytes]]) -> None:
 
 
 def dlq_reasons(bus: Bus, dlq: str, n: int, timeout: float = 10) -> list[str]:
-    from conftest import drain
+    from tests.events.conftest import drain
 
     with bus.consumer([dlq], unique("dlq")) as c:
         return sorted(r.header(DLQ_REASON).decode() for r in drain(c, n, timeout=timeout))

@@ -7,7 +7,7 @@ import time
 import warnings
 
 import pytest
-from conftest import drain, unique
+from tests.events.conftest import drain, unique
 from pydantic import ValidationError
 
 from events.bus import EventProducer, InMemoryBus, PublishError

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from workers_testlib import ImageServer
+from tests.workers.workers_testlib import ImageServer
 
 
 @pytest.fixture(scope="module")

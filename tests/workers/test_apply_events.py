@@ -8,7 +8,7 @@ import time
 
 import pytest
 from prometheus_client import REGISTRY
-from workers_testlib import (
+from tests.workers.workers_testlib import (
     JPEG,
     PNG,
     FakeEmbedder,

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-from workers_testlib import FakeEmbedder, image_bytes
+from tests.workers.workers_testlib import FakeEmbedder, image_bytes
 
 from events.models import ItemDeleted, ItemUpserted
 from index.factory import open_index

@@ -8,7 +8,7 @@ import socket
 
 import httpcore
 import pytest
-from workers_testlib import JPEG, PNG
+from tests.workers.workers_testlib import JPEG, PNG
 
 from workers.fetch import (
     TRANSIENT_REASONS,

@@ -25,7 +25,7 @@ from PIL import Image, ImageChops
 
 from events.item import CatalogItem, ItemFailure
 from vision.decode import DEFAULT_MAX_PIXELS, ImageError, decode_image
-from workers.dedup import NEAR_DUP_MAX_BITS, dhash64, md5_hex
+from workers.dedup import NEAR_DUP_MAX_BITS, dhash64, md5_hex, trim_background
 from workers.fetch import FetchError, ImageFetcher
 from workers.hygiene.bands import BandIndex, UnionFind
 
@@ -45,14 +45,6 @@ class HashedItem:
     @property
     def dhash_hex(self) -> str:
         return f"{self.dhash:016x}"
-
-
-def trim_background(img: Image.Image, tol: int = 24) -> Image.Image:
-    """Crop a uniform border (the top-left pixel's colour, within ``tol``): packshots of different
-    products on the same white background otherwise share most of their 9x8 dHash grid."""
-    bg = Image.new("RGB", img.size, img.getpixel((0, 0)))
-    box = ImageChops.difference(img, bg).convert("L").point(lambda v: 255 if v > tol else 0).getbbox()
-    return img.crop(box) if box and (box[2] - box[0]) >= 9 and (box[3] - box[1]) >= 8 else img
 
 
 def hash_item(
