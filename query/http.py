@@ -14,6 +14,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 
+from query.metrics import QUERIES, QUERY_ERRORS
 from query.models import SearchHit, SearchResponse
 from query.searcher import Searcher, UnknownItemError
 from vision.decode import ImageError
@@ -38,14 +39,17 @@ async def search(
     limit: Annotated[int, Query(ge=1, le=100)] = 10,
     objects: Annotated[int, Query(ge=1, le=5)] = 1,
 ) -> SearchResponse:
+    QUERIES.labels("search").inc()
     cap = searcher.max_image_bytes
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > cap:
+        QUERY_ERRORS.labels("too_large").inc()
         raise HTTPException(413, f"image is {declared} bytes; the limit is {cap}")
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
         if len(body) > cap:
+            QUERY_ERRORS.labels("too_large").inc()
             raise HTTPException(413, f"image exceeds the limit of {cap} bytes")
     try:
         return await run_in_threadpool(searcher.search_bytes, bytes(body), limit=limit, max_objects=objects)
@@ -55,6 +59,7 @@ async def search(
 
 @router.get("/items/{item_id:path}/similar", response_model=list[SearchHit])
 def similar(item_id: str, searcher: SearcherDep, limit: Annotated[int, Query(ge=1, le=100)] = 10):
+    QUERIES.labels("similar").inc()
     try:
         return searcher.similar_items(item_id, limit=limit)
     except UnknownItemError as e:

@@ -18,8 +18,9 @@ from PIL import Image
 from index.base import SearchHit as IndexHit
 from index.base import VectorIndex
 from query.category import DEFAULT_K, CategoryPrediction, predict_category
+from query.metrics import QUERY_ERRORS, QUERY_STAGE_SECONDS
 from query.models import CategoryOut, ObjectResult, SearchHit, SearchResponse
-from vision.decode import decode_image
+from vision.decode import ImageError, decode_image
 
 
 class QueryEmbedder(Protocol):
@@ -63,7 +64,12 @@ class Searcher:
     # -- entry points -------------------------------------------------------------------------
     def search_bytes(self, data: bytes, **kw) -> SearchResponse:
         t0 = time.perf_counter()
-        image = decode_image(data, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
+        try:
+            image = decode_image(data, max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
+        except ImageError as e:
+            QUERY_ERRORS.labels(e.reason).inc()
+            raise
+        QUERY_STAGE_SECONDS.labels("decode").observe(time.perf_counter() - t0)
         decode_ms = (time.perf_counter() - t0) * 1000
         resp = self.search_image(image, **kw)
         resp.timings_ms = {"decode": decode_ms, **resp.timings_ms}
@@ -83,6 +89,7 @@ class Searcher:
         timings["localize+embed"] = (time.perf_counter() - t0) * 1000
         for stage, seconds in getattr(self.embedder, "timings", {}).items():
             timings[stage] = seconds * 1000
+            QUERY_STAGE_SECONDS.labels(stage).observe(seconds)
         objects = []
         search_ms = 0.0
         for i in range(min(max_objects, len(q.vectors))):
@@ -99,6 +106,7 @@ class Searcher:
                 )
             )
         timings["search"] = search_ms
+        QUERY_STAGE_SECONDS.labels("search").observe(search_ms / 1000)
         return SearchResponse(model_id=self.embedder.model_id, objects=objects, timings_ms=timings)
 
     def similar_items(self, item_id: str, *, limit: int = 10) -> list[SearchHit]:

@@ -21,8 +21,8 @@ INFRA = REPO / "infra"
 DASHBOARD = INFRA / "grafana" / "dashboards" / "tongkuan.json"
 # Metric names the dashboard shows that a colleague's process is still to define (the query API's
 # per-stage latency, tongkuan.api). Remove a name here once it is defined.
-PENDING_METRICS = {"tongkuan_query_stage_seconds"}
-PENDING_MODULES = {"tongkuan.api"}
+PENDING_METRICS: set[str] = set()
+PENDING_MODULES: set[str] = set()
 
 yaml = pytest.importorskip("yaml", reason="PyYAML not installed (add it to the dev extras)")
 
