@@ -115,39 +115,61 @@ class VisionPipeline:
         return self.localizer.localize(image)
 
     # -- the facade ------------------------------------------------------------------------------
+    def _main_box(self, fmap: np.ndarray, image: Image.Image) -> Region:
+        return self._saliency.from_features(fmap, image.size)[0]
+
     def embed_catalog(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
         """Catalog images -> (N, dim) float32, L2-normalised; cropped to the main object when the
-        entry's ``crop.catalog`` is ``saliency``."""
+        entry's ``crop.catalog`` is ``saliency``.
+
+        With several scales the main object is found at each scale (on that scale's feature map)
+        and that crop is embedded at that scale — exactly what ``vision.tune`` measured; localizing
+        once at the first scale only cost ~0.02 R@1 on val (``vision.evaluate``)."""
         self.stage_timer.reset_last()
         if self.entry.crop.catalog == "none":
             with self.stage_timer.stage("embed"):
                 return self.embed_images(images, batch_size)
-        crops: list[Image.Image] = []
-        with self.stage_timer.stage("localize"):
+        total = np.zeros((len(images), self.dim), np.float32)
+        margin = self.entry.crop.margin
+        for size in self.entry.all_sizes:
+            cfg = self.preprocessing.with_size(size)
             for i in range(0, len(images), batch_size):
                 batch = list(images[i : i + batch_size])
-                f, _ = self.embedder.run(preprocess(batch, self.preprocessing))
-                for fm, img in zip(f, batch, strict=True):
-                    main = self._saliency.from_features(fm, img.size)[0]
-                    crops.append(main.crop(img, self.entry.crop.margin))
-        with self.stage_timer.stage("embed"):
-            return self.embed_images(crops, batch_size)
+                with self.stage_timer.stage("localize"):
+                    f, _ = self.embedder.run(preprocess(batch, cfg))
+                    crops = [
+                        self._main_box(fm, img).crop(img, margin) for fm, img in zip(f, batch, strict=True)
+                    ]
+                with self.stage_timer.stage("embed"):
+                    total[i : i + len(batch)] += self.embedder.run(preprocess(crops, cfg), features=False)[1]
+        return l2_normalize(total)
 
     def embed_query(self, image: Image.Image, *, max_regions: int = 3) -> QueryEmbedding:
-        """A shopper's photo -> one vector per region (at most ``max_regions``), main region first."""
+        """A shopper's photo -> one vector per region (at most ``max_regions``), main region first.
+
+        With SCDA (the default localizer) the full image is embedded at every scale during
+        localization (reused as the full-image vector), and the main region is found per scale as
+        in ``embed_catalog``; ``regions[0].box`` is the one found at the first scale."""
         if max_regions < 1:
             raise ValueError("max_regions must be >= 1")
         self.stage_timer.reset_last()
         full = full_region(image.size)
-        single_scale = len(self.entry.all_sizes) == 1
-        full_vec = None  # the SCDA pass already embeds the full image: reuse it
+        sizes = self.entry.all_sizes
+        full_vec = None
+        per_scale_main: list[Region] | None = None
         with self.stage_timer.stage("localize"):
             if self.entry.crop.query == "none" and max_regions == 1:
                 candidates = [full]
             elif self.localizer is self._saliency:
-                f, e = self.embedder.run(preprocess([image], self.preprocessing))
-                candidates = self._saliency.from_features(f[0], image.size)
-                full_vec = e[0] if single_scale else None
+                acc = np.zeros(self.dim, np.float32)
+                per_scale = []
+                for size in sizes:
+                    f, e = self.embedder.run(preprocess([image], self.preprocessing.with_size(size)))
+                    per_scale.append(self._saliency.from_features(f[0], image.size))
+                    acc += e[0]
+                full_vec = l2_normalize(acc)
+                candidates = per_scale[0]
+                per_scale_main = [next((r for r in c if r.box != full.box), None) for c in per_scale]
             else:
                 candidates = self.localizer.localize(image)
         others = [r for r in candidates if r.box != full.box]
@@ -156,17 +178,27 @@ class VisionPipeline:
         else:
             regions = [others[0], full, *others[1:]]
         regions = regions[:max_regions]
+        main_is_crop = regions[0].box != full.box
+        margin = self.entry.crop.margin
         with self.stage_timer.stage("embed"):
+            vectors = np.zeros((len(regions), self.dim), np.float32)
             todo = [i for i, r in enumerate(regions) if not (r.box == full.box and full_vec is not None)]
-            vectors = np.empty((len(regions), self.dim), np.float32)
-            if full_vec is not None and len(todo) < len(regions):
-                vectors[[i for i in range(len(regions)) if i not in todo]] = full_vec
-            if todo:
-                crops = [
-                    image if regions[i].box == full.box else regions[i].crop(image, self.entry.crop.margin)
-                    for i in todo
-                ]
-                vectors[todo] = self.embed_images(crops)
+            for i in range(len(regions)):
+                if i not in todo:
+                    vectors[i] = full_vec
+            for k, size in enumerate(sizes):
+                if not todo:
+                    break
+                crops = []
+                for i in todo:
+                    r = regions[i]
+                    if i == 0 and main_is_crop and per_scale_main is not None:
+                        r = per_scale_main[k] or r
+                    crops.append(image if r.box == full.box else r.crop(image, margin))
+                vectors[todo] += self.embedder.run(
+                    preprocess(crops, self.preprocessing.with_size(size)), features=False
+                )[1]
+            vectors = l2_normalize(vectors)
         return QueryEmbedding(vectors=vectors, regions=regions, model_id=self.model_id)
 
     def stage_durations(self) -> dict[str, float]:
