@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,6 +131,15 @@ class VectorIndex(ABC):
     @abstractmethod
     def shards(self) -> list[str]:
         """Known shard keys, sorted."""
+
+    @abstractmethod
+    def scan(
+        self, *, batch: int = 256, shard: str | None = None, with_vectors: bool = False
+    ) -> Iterator[list[IndexRecord]]:
+        """Page through the live records (tombstones excluded), shard by shard, pages of at most
+        ``batch``. Each live item is yielded once (an item caught mid-move only from the shard
+        holding its winning copy). Not a snapshot: points written meanwhile may or may not appear
+        (the blue/green re-embed relies on dual writes for those, not on the scan)."""
 
     def flush(self) -> None:  # noqa: B027 - optional for implementations
         """Persist pending writes (no-op where writes are durable on return)."""

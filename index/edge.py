@@ -218,6 +218,26 @@ class EdgeIndex(GuardedIndex):
         keys = [shard] if shard is not None else [k for k in self._shards if k != TOMBSTONE_SHARD]
         return sum(self._shards[k].count(live) for k in keys)
 
+    def _scroll(
+        self, shard: str, offset: Any, limit: int, *, with_vectors: bool
+    ) -> tuple[list[tuple[str, StoredPoint]], Any]:
+        request = qe.ScrollRequest(
+            offset=offset,
+            limit=limit,
+            filter=qe.Filter(must=[qe.HasVectorCondition(VECTOR_NAME)]),
+            with_payload=True,
+            with_vector=with_vectors,
+        )
+        records, next_offset = self._shards[shard].scroll(request)
+        page = []
+        for rec in records:
+            vec = (rec.vector or {}).get(VECTOR_NAME) if with_vectors else None
+            page.append(
+                (str(rec.id), StoredPoint(shard, dict(rec.payload or {}),
+                                          None if vec is None else np.asarray(vec, np.float32)))
+            )
+        return page, next_offset
+
     # ---- VectorIndex --------------------------------------------------------------------------
 
     def shards(self) -> list[str]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import threading
 from abc import abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,6 +106,13 @@ class GuardedIndex(VectorIndex):
     @abstractmethod
     def _count(self, shard: str | None) -> int:
         """Live points (points with a vector) in ``shard`` or in all shards."""
+
+    @abstractmethod
+    def _scroll(
+        self, shard: str, offset: Any, limit: int, *, with_vectors: bool
+    ) -> tuple[list[tuple[str, StoredPoint]], Any]:
+        """One page of up to ``limit`` live points (with a vector) of ``shard`` from ``offset``
+        (None = the start): ``([(point id, copy)], next offset or None at the end)``."""
 
     # ---- shared checks ------------------------------------------------------------------------
 
@@ -297,6 +304,34 @@ class GuardedIndex(VectorIndex):
                 continue
             merged[hit.item_id] = hit
         return list(merged.values())[:limit]
+
+    def scan(
+        self, *, batch: int = 256, shard: str | None = None, with_vectors: bool = False
+    ) -> Iterator[list[IndexRecord]]:
+        self._check_open()
+        if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+            raise IndexBackendError(f"batch must be an int >= 1, got {batch!r}")
+        keys = self.shards() if shard is None else [s for s in [self._shard_name(shard)] if s in self.shards()]
+        for key in keys:
+            offset: Any = None
+            while True:
+                self._check_open()
+                page, offset = self._scroll(key, offset, batch, with_vectors=with_vectors)
+                if page:
+                    # Keep a copy only if it is the item's winning copy: a stale copy left by an
+                    # interrupted move (or shadowed by a newer tombstone elsewhere) is skipped.
+                    states = self._states(self._fetch([pid for pid, _ in page], with_vectors=False))
+                    records = []
+                    for pid, copy in page:
+                        st = states.get(pid)
+                        if st is None or st.deleted or st.shard != key or st.version != copy.version:
+                            continue
+                        item_id = str(copy.payload.get(ITEM_ID_KEY, ""))
+                        records.append(IndexRecord(item_id, key, dict(copy.payload), copy.version, copy.vector))
+                    if records:
+                        yield records
+                if offset is None:
+                    break
 
     def count(self, shard: str | None = None) -> int:
         self._check_open()

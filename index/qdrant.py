@@ -291,6 +291,28 @@ class QdrantIndex(GuardedIndex):
                 shard_key_selector=self._selector(shard),
             ).count
 
+    def _scroll(
+        self, shard: str, offset: Any, limit: int, *, with_vectors: bool
+    ) -> tuple[list[tuple[str, StoredPoint]], Any]:
+        with self._reading():
+            records, next_offset = self.client.scroll(
+                self.collection,
+                scroll_filter=self._live_filter([shard], {}),
+                limit=limit,
+                offset=offset,
+                with_payload=True,
+                with_vectors=[VECTOR_NAME] if with_vectors else False,
+                shard_key_selector=self._selector(shard),
+            )
+        page = []
+        for rec in records:
+            vec = rec.vector.get(VECTOR_NAME) if with_vectors and isinstance(rec.vector, dict) else None
+            page.append(
+                (str(rec.id), StoredPoint(shard, dict(rec.payload or {}),
+                                          None if vec is None else np.asarray(vec, np.float32)))
+            )
+        return page, next_offset
+
     # ---- VectorIndex --------------------------------------------------------------------------
 
     def shards(self) -> list[str]:
