@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help venv model demo test test-all eval bench-embed lint clean
+.PHONY: help venv model demo test test-all eval bench-embed bench-ingest drill up down lint clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-14s %s\n", $$1, $$2}'
@@ -41,6 +41,18 @@ eval: model ## Recall@K/mAP/category accuracy: make eval DATA=DIR SPLIT=NAME
 
 bench-embed: model ## images/s torch vs ONNX Runtime, per-stage query latency -> reports/bench-embed.json
 	$(PY) -m tongkuan.bench_embed --data $(DATA)
+
+bench-ingest: model ## event published -> searchable items/s vs the embedding ceiling; latency at half rate
+	$(PY) -m tongkuan.bench_ingest
+
+drill: model ## reliability drill on the real broker/Redis/workers -> reports/drill.json
+	$(PY) -m tongkuan.drill
+
+up: model ## start the local stack (Tansu broker, Celery worker, dispatcher, API) with health checks
+	$(PY) -m infra.stack start
+
+down: ## stop the local stack
+	$(PY) -m infra.stack stop
 
 lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check .

@@ -164,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_eval)
 
+    sub.add_parser("hygiene", help="catalog hygiene reports: dupes | denoise | merge (tongkuan hygiene --help)")
+
     s = sub.add_parser("demo", help="ingest the grocery catalog, search val photos, print metrics")
     s.add_argument("--data", default=str(DEFAULT_DATA))
     s.add_argument("--queries", type=int, default=6)
@@ -172,6 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["hygiene"]:  # its own parser, options included (--help too)
+        from workers.hygiene.__main__ import main as hygiene_main
+
+        return hygiene_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
