@@ -164,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_eval)
 
+    sub.add_parser("reembed", help="blue/green re-embedding into another model's index generation "
+                   "(tongkuan reembed --help)")
     sub.add_parser("hygiene", help="catalog hygiene reports: dupes | denoise | merge (tongkuan hygiene --help)")
 
     s = sub.add_parser("demo", help="ingest the grocery catalog, search val photos, print metrics")
@@ -179,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         from workers.hygiene.__main__ import main as hygiene_main
 
         return hygiene_main(argv[1:])
+    if argv[:1] == ["reembed"]:  # blue/green: re-embed into a new generation, switch atomically
+        from workers.reembed import main as reembed_main
+
+        return reembed_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

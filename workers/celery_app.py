@@ -99,7 +99,7 @@ def check_pool(index_backend: str, pool: str, concurrency: int) -> None:
 def create_app(ws: WorkerSettings | None = None) -> Celery:
     ws = ws or get_worker_settings()
     app = Celery("tongkuan", broker=ws.broker_url, backend=ws.result_backend or ws.broker_url,
-                 include=["workers.tasks"])
+                 include=["workers.tasks", "workers.reembed"])
     app.conf.update(
         task_serializer="json",
         result_serializer="json",

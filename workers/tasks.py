@@ -41,7 +41,8 @@ from tongkuan.settings import Settings, get_settings
 from workers import metrics
 from workers.celery_app import APPLY_EVENTS_TASK, WorkerSettings, app, check_pool, get_worker_settings
 from workers.fetch import TRANSIENT_REASONS, ImageFetcher
-from workers.pipeline import CatalogEmbedder, delete_items, ingest_items
+from workers.pipeline import CatalogEmbedder
+from workers.reembed import delete_from_targets, ingest_to_targets
 
 log = logging.getLogger(__name__)
 
@@ -238,9 +239,11 @@ def apply_events(
     s = runtime.settings
 
     if upserts:
-        report = ingest_items(
+        # Into the serving generation and, during a blue/green re-embed, the one being built.
+        report = ingest_to_targets(
             [ev.to_item() for ev, _ in upserts], index=runtime.index, embedder=runtime.embedder,
             fetcher=runtime.fetcher, max_pixels=s.max_image_pixels, batch_size=s.ingest_batch_size,
+            settings=s,
         )
         now = time.time()
         by_id = {ev.item_id: (ev, raw) for ev, raw in upserts}
@@ -260,8 +263,9 @@ def apply_events(
 
     if deletes:
         t0 = time.perf_counter()
-        report = delete_items([ev.item_id for ev, _ in deletes], index=runtime.index,
-                              versions=[ev.version for ev, _ in deletes])
+        report = delete_from_targets([ev.item_id for ev, _ in deletes], index=runtime.index,
+                                     versions=[ev.version for ev, _ in deletes], settings=s,
+                                     model_id=runtime.embedder.model_id)
         metrics.observe_stages({"delete": time.perf_counter() - t0})
         now = time.time()
         times = {ev.item_id: ev.event_time for ev, _ in deletes}
