@@ -112,3 +112,31 @@ def test_region_crop_margin_stays_inside():
     img = Image.new("RGB", (100, 50))
     crop = Region((90, 40, 100, 50), 1.0).crop(img, margin=0.5)
     assert crop.size == (15, 15)
+
+
+def test_pipeline_with_detector_plugin(pipeline, tiny_detector, real_images):
+    from vision.runtime import VisionPipeline
+
+    pipe = VisionPipeline(pipeline.entry, pipeline.embedder, localizer=OnnxDetectorLocalizer(tiny_detector))
+    img = real_images[0]
+    q = pipe.embed_query(img, max_regions=3)
+    w, h = img.size
+    assert q.regions[0].box == (int(0.1 * w), int(0.1 * h), int(np.ceil(0.5 * w)), int(np.ceil(0.5 * h)))
+    assert q.regions[1].box == (0, 0, w, h)  # full image second
+    assert q.vectors.shape == (3, pipe.dim)
+    assert np.allclose(np.linalg.norm(q.vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_pipeline_without_crop_puts_full_image_first(pipeline, real_images):
+    from dataclasses import replace
+
+    from vision.registry import CropPolicy
+    from vision.runtime import VisionPipeline
+
+    entry = replace(pipeline.entry, crop=CropPolicy(catalog="none", query="none"))
+    pipe = VisionPipeline(entry, pipeline.embedder)
+    img = real_images[1]
+    q = pipe.embed_query(img, max_regions=2)
+    assert q.regions[0].box == (0, 0, *img.size)
+    assert np.allclose(q.vectors[0], pipe.embed_catalog([img])[0], atol=1e-5)
+    assert pipe.embed_query(img, max_regions=1).regions == [Region((0, 0, *img.size), 1.0)]
