@@ -68,6 +68,9 @@ IMAGENET_MODEL = ModelEntry(
                 "p2p_R@5": 0.797,
             },
         },
+        # python -m vision.evaluate: the served VisionPipeline end to end (max over main crop + full)
+        "served": {"p2c_R@1": 0.422, "p2c_R@5": 0.693, "p2p_R@1": 0.557, "p2p_R@5": 0.811},
+        "served_main_region_only": {"p2c_R@1": 0.412, "p2c_R@5": 0.706, "p2p_R@1": 0.524, "p2p_R@5": 0.814},
     },
     notes="query vectors: [main crop, full image, ...]; score a product by the max over them",
 )
