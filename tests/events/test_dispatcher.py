@@ -220,7 +220,10 @@ def test_celery_sender_round_trip_with_redis() -> None:
     app = Celery("dispatcher-test", broker=url, backend=url)
     app.conf.update(task_default_queue=queue, broker_connection_retry_on_startup=False)
 
-    @app.task(name=TASK_NAME)
+    # A name of its own: workers.tasks may already have registered TASK_NAME as a shared task.
+    task_name = unique(TASK_NAME)
+
+    @app.task(name=task_name)
     def apply(events: list[dict]) -> dict:
         return {
             "indexed": [e["item_id"] for e in events],
@@ -232,7 +235,7 @@ def test_celery_sender_round_trip_with_redis() -> None:
 
     try:
         with start_worker(app, pool="solo", perform_ping_check=False, queues=[queue], loglevel="WARNING"):
-            handle = CelerySender(app).send([up("a", 1).model_dump(mode="json")])
+            handle = CelerySender(app, task_name=task_name).send([up("a", 1).model_dump(mode="json")])
             deadline = time.monotonic() + 10
             while not handle.ready() and time.monotonic() < deadline:
                 time.sleep(0.05)
