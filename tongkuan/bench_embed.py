@@ -93,8 +93,7 @@ def throughput(pipe: VisionPipeline, images, batches: list[int], threads: int) -
 
     from vision.backbone import LiteBackbone
 
-    if threads:
-        torch.set_num_threads(threads)
+    default_threads = threads or torch.get_num_threads()
     entry = pipe.entry
     x = preprocess(images, entry.preprocessing)
     with contextlib.redirect_stdout(io.StringIO()):
@@ -105,18 +104,21 @@ def throughput(pipe: VisionPipeline, images, batches: list[int], threads: int) -
             return model(torch.from_numpy(b))[1]
 
     rows = []
-    for engine, fn in (
-        ("torch-eager", torch_fn),
-        ("onnxruntime", lambda b: pipe.embedder.run(b, features=False)),
-    ):
+    # torch runs at 1 thread and at the default count: on a busy 2-core box OpenMP's barriers make
+    # 2 threads several times slower than 1 (measured), so both are shown.
+    engines = [(f"torch-eager/{t}t", torch_fn, t) for t in dict.fromkeys((1, default_threads))]
+    engines.append(("onnxruntime", lambda b: pipe.embedder.run(b, features=False), None))
+    for engine, fn, n_threads in engines:
+        if n_threads:
+            torch.set_num_threads(n_threads)
         for bs in batches:
             log(f"  throughput: {engine} batch {bs} ...")
             r = _rate(fn, x, bs)
             rows.append({"engine": engine, "what": "model", "batch": bs, "images_per_s": round(r, 1)})
             log(f"    {r:.1f} images/s")
+    torch.set_num_threads(default_threads)
     for bs in batches:
         log(f"  throughput: VisionPipeline.embed_catalog batch {bs} (pre-processing + crop policy) ...")
-        t0 = time.perf_counter()
         pipe.embed_catalog(images[: max(bs, 1)], batch_size=bs)  # warm-up
         t0 = time.perf_counter()
         pipe.embed_catalog(images, batch_size=bs)
@@ -196,9 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     latency = summarize(samples)
 
     print(f"\nthroughput ({pipe.model_id}, {len(images)} real images, input {pipe.entry.input_size}px)")
-    print(f"{'engine':<13} {'what':<14} {'batch':>5} {'images/s':>9}")
+    print(f"{'engine':<16} {'what':<14} {'batch':>5} {'images/s':>9}")
     for r in rows:
-        print(f"{r['engine']:<13} {r['what']:<14} {r['batch']:>5} {r['images_per_s']:>9.1f}")
+        print(f"{r['engine']:<16} {r['what']:<14} {r['batch']:>5} {r['images_per_s']:>9.1f}")
     print(f"\nsingle-query latency ({len(samples)} queries, max_regions={args.max_regions})")
     print(f"{'stage':<10} {'median ms':>9} {'p95 ms':>8}")
     for k, v in latency.items():

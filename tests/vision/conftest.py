@@ -25,9 +25,12 @@ def model_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def pipeline(model_dir):
+    from vision.export import IMAGENET_MODEL
     from vision.runtime import VisionPipeline
 
-    return VisionPipeline.from_settings(Settings(model_dir=model_dir, model="", ort_threads=2))
+    return VisionPipeline.from_settings(
+        Settings(model_dir=model_dir, model=IMAGENET_MODEL.name, ort_threads=2)
+    )
 
 
 @pytest.fixture(scope="session")
