@@ -439,7 +439,10 @@ class Dispatcher:
             # Before the first commit, the first fetched offset is where this group stands.
             self._committed.setdefault(rec.tp, rec.offset)
         for tp, committed in self._committed.items():
-            hw = self.consumer.highwater(tp)
+            try:
+                hw = self.consumer.highwater(tp)
+            except Exception:  # noqa: BLE001 - kafka-python raises for a partition no longer assigned
+                continue  # (a rebalance, e.g. after a broker restart): the gauge is not worth a crash
             if hw is not None:
                 LAG.labels(tp.topic, str(tp.partition)).set(max(hw - committed, 0))
 
