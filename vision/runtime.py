@@ -14,10 +14,11 @@ Scoring a product by the max similarity over the query's vectors is what ``visio
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,16 +43,24 @@ class QueryEmbedding:
         return self.vectors[0]
 
 
-@dataclass
 class StageTimer:
-    """Per-stage wall time of the last call (``last``) and running totals (``totals``, ``counts``)."""
+    """Per-stage wall time of the calling thread's last call (``last``) and running totals over all
+    threads (``totals``, ``counts``). Safe to share: one pipeline serves concurrent requests."""
 
-    last: dict[str, float] = field(default_factory=dict)
-    totals: dict[str, float] = field(default_factory=dict)
-    counts: dict[str, int] = field(default_factory=dict)
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self.totals: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    @property
+    def last(self) -> dict[str, float]:
+        if not hasattr(self._local, "last"):
+            self._local.last = {}
+        return self._local.last
 
     def reset_last(self) -> None:
-        self.last = {}
+        self._local.last = {}
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
@@ -60,9 +69,11 @@ class StageTimer:
             yield
         finally:
             dt = time.perf_counter() - t0
-            self.last[name] = self.last.get(name, 0.0) + dt
-            self.totals[name] = self.totals.get(name, 0.0) + dt
-            self.counts[name] = self.counts.get(name, 0) + 1
+            last = self.last
+            last[name] = last.get(name, 0.0) + dt
+            with self._lock:
+                self.totals[name] = self.totals.get(name, 0.0) + dt
+                self.counts[name] = self.counts.get(name, 0) + 1
 
 
 class VisionPipeline:

@@ -56,3 +56,26 @@ def test_preprocess_shapes_and_range(real_images):
         Preprocess(input_size=250)
     cc = preprocess(real_images[0], Preprocess(input_size=224, resize="center_crop"))
     assert cc.shape == (1, 3, 224, 224)
+
+
+def test_stage_timer_is_per_thread():
+    import threading
+
+    from vision.runtime import StageTimer
+
+    t = StageTimer()
+    with t.stage("embed"):
+        pass
+    seen = {}
+
+    def other():
+        seen["before"] = dict(t.last)
+        with t.stage("localize"):
+            pass
+        seen["after"] = dict(t.last)
+
+    th = threading.Thread(target=other)
+    th.start()
+    th.join()
+    assert seen["before"] == {} and set(seen["after"]) == {"localize"}
+    assert set(t.last) == {"embed"} and t.counts == {"embed": 1, "localize": 1}
