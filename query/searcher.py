@@ -85,18 +85,20 @@ class Searcher:
     ) -> SearchResponse:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        q = self.embedder.embed_query(image, max_regions=max_objects)
+        # One extra region: when the main product is a crop, the full photo comes next and both
+        # views score the main product (max similarity; +1.4 to +4 points R@1 on val, vision.tune).
+        q = self.embedder.embed_query(image, max_regions=max_objects + 1)
         timings["localize+embed"] = (time.perf_counter() - t0) * 1000
         for stage, seconds in getattr(self.embedder, "timings", {}).items():
             timings[stage] = seconds * 1000
             QUERY_STAGE_SECONDS.labels(stage).observe(seconds)
         objects = []
         search_ms = 0.0
-        for i in range(min(max_objects, len(q.vectors))):
+        for rows in _object_groups(q.regions, image.size)[:max_objects]:
             t1 = time.perf_counter()
-            pred, hits = self.search_vector(q.vectors[i], limit=limit, shards=shards)
+            pred, hits = self.search_vectors(q.vectors[rows], limit=limit, shards=shards)
             search_ms += (time.perf_counter() - t1) * 1000
-            region = q.regions[i]
+            region = q.regions[rows[0]]
             objects.append(
                 ObjectResult(
                     box=tuple(int(v) for v in region.box),
@@ -120,22 +122,48 @@ class Searcher:
         return _collapse(hits)[:limit]
 
     # -- the core -----------------------------------------------------------------------------
+    def _search_max(self, vectors: np.ndarray, k: int, shards: Sequence[str] | None) -> list[IndexHit]:
+        if len(vectors) == 1:
+            return self.index.search(vectors[0], limit=k, shards=shards)
+        best: dict[str, IndexHit] = {}
+        for v in vectors:
+            for h in self.index.search(v, limit=k, shards=shards):
+                if h.item_id not in best or h.score > best[h.item_id].score:
+                    best[h.item_id] = h
+        return sorted(best.values(), key=lambda h: -h.score)[:k]
+
     def search_vector(
         self, vector: np.ndarray, *, limit: int = 10, shards: Sequence[str] | None = None
     ) -> tuple[CategoryOut | None, list[SearchHit]]:
+        return self.search_vectors(vector[None, :], limit=limit, shards=shards)
+
+    def search_vectors(
+        self, vectors: np.ndarray, *, limit: int = 10, shards: Sequence[str] | None = None
+    ) -> tuple[CategoryOut | None, list[SearchHit]]:
+        """Search with one or more views of one product; a candidate scores its best view."""
         k = max(self.candidate_k, self.category_k, limit)
-        raw = self.index.search(vector, limit=k, shards=shards)
+        raw = self._search_max(vectors, k, shards)
         pred = predict_category(raw, k=self.category_k)
         searched = sorted({h.shard for h in raw}) if shards is None else list(shards)
         if pred is not None and shards is None and pred.shard_confidence >= self.shard_min_confidence:
             in_shard = [h for h in raw if h.shard == pred.shard]
             if len(in_shard) < min(limit, self.candidate_k):
-                in_shard = self.index.search(vector, limit=self.candidate_k, shards=[pred.shard])
+                in_shard = self._search_max(vectors, self.candidate_k, [pred.shard])
             raw = in_shard
             searched = [pred.shard]
         if self.reranker is not None:
             raw = self.reranker.rerank(raw)
         return _category_out(pred, searched), _collapse(raw)[:limit]
+
+
+def _object_groups(regions, size: tuple[int, int]) -> list[list[int]]:
+    """Rows of the query vectors per product: the main region together with the full photo when the
+    main region is a crop (the full photo follows it), then every other region on its own."""
+    full = (0, 0, size[0], size[1])
+    boxes = [tuple(int(v) for v in r.box) for r in regions]
+    if len(boxes) > 1 and boxes[0] != full and boxes[1] == full:
+        return [[0, 1], *[[i] for i in range(2, len(boxes))]]
+    return [[i] for i in range(len(boxes))]
 
 
 def _category_out(pred: CategoryPrediction | None, searched: list[str]) -> CategoryOut | None:
