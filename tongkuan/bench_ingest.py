@@ -1,0 +1,252 @@
+"""Ingest benchmark (issue 3 "Targets"): Kafka → dispatcher → Celery worker → index, on this machine.
+
+    python -m tongkuan.bench_ingest [--items 480] [--latency-seconds 20] [--out reports/bench-ingest.json]
+
+(i)   Model-only ceiling: images/s of ``VisionPipeline.embed_catalog`` on the same generated pictures,
+      same batch size, in this process, before the stack starts (nothing else of ours running).
+(ii)  Sustained ingest: ``--items`` upserts of distinct items (one picture each) published as fast as
+      possible; published → searchable items/s, searchable = counted by the worker once the index
+      write returned (``tongkuan_ingest_items_total{outcome="indexed"}`` on its /metrics). Reported
+      end to end (first publish → last item searchable) and steady state (20 % → 90 % of items);
+      the ratio to the ceiling uses the end-to-end figure. Goal ≥ 0.9.
+(iii) Latency at half the measured end-to-end rate: a paced producer (one event every 1/rate s, each
+      flushed, ``event_time`` = publish time) for ``--latency-seconds``; per item latency =
+      ``indexed_at`` in the index payload (set just before the upsert) − ``event_time``, read from
+      the index after the run, plus the worker's own event→searchable histogram as a cross-check.
+      Goal p99 ≤ 1 s.
+
+Measured here (2 shared cores, real model, defaults = the tuned values): ceiling 54 images/s;
+sustained 41 items/s end to end (ratio 0.76), 45 steady (0.83); at half rate p50 0.13 s, p99 0.24 s.
+Tuning that helped: dispatcher max_batch 32 → 128 (one task per batch) and worker batch 16 → 32
+(end-to-end ratio 0.64 → 0.76). The ≥ 0.9 goal is missed because the dispatcher handles one batch
+at a time (gather → tasks → wait → commit, by design for per-item order): the worker idles while the
+next batch is gathered and committed, and the broker, dispatcher, Redis and Celery share the two
+cores with ONNX Runtime.
+
+The stack (Tansu, one solo worker with the real model, the dispatcher) is the drill's
+(``tongkuan.drill.Stack``), Redis DB ``--redis-db``. Writes JSON, a table and a latency histogram PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tongkuan.drill import REPO_ROOT, Outbox, Stack, StackConfig, _upsert, log, write_pictures
+
+INDEXED = 'tongkuan_ingest_items_total{outcome="indexed"}'
+
+
+def scrape(stack: Stack) -> str:
+    import httpx
+
+    return httpx.get(f"http://127.0.0.1:{stack.worker_port}/metrics", timeout=3).text
+
+
+def indexed_count(stack: Stack) -> float:
+    for line in scrape(stack).splitlines():
+        if line.startswith(INDEXED):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def freshness_buckets(stack: Stack) -> dict[str, float]:
+    out = {}
+    for line in scrape(stack).splitlines():
+        if line.startswith("tongkuan_ingest_event_to_searchable_seconds_bucket") and 'op="upsert"' in line:
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            out[le] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def wait_indexed(stack: Stack, target: float, timeout: float) -> list[tuple[float, float]]:
+    """Poll the worker's indexed counter until ``target``; returns (time, count) samples."""
+    samples = []
+    deadline = time.monotonic() + timeout
+    last_log = 0.0
+    while True:
+        n = indexed_count(stack)
+        now = time.monotonic()
+        samples.append((now, n))
+        if n >= target:
+            return samples
+        if now > deadline:
+            raise TimeoutError(f"only {n:.0f}/{target:.0f} indexed after {timeout:.0f}s")
+        if now - last_log > 5:
+            log(f"  indexed {n:.0f}/{target:.0f}")
+            last_log = now
+        time.sleep(0.05)
+
+
+def ceiling(objects: Path, keys: list[str], batch_size: int, ort_threads: int) -> dict:
+    from tongkuan.settings import Settings
+    from vision.decode import decode_image
+    from vision.runtime import VisionPipeline
+
+    pipe = VisionPipeline.from_settings(Settings(ort_threads=ort_threads))
+    images = [decode_image((objects / k).read_bytes()) for k in keys]
+    pipe.embed_catalog(images[:batch_size], batch_size=batch_size)  # warm-up
+    t0 = time.perf_counter()
+    pipe.embed_catalog(images, batch_size=batch_size)
+    dt = time.perf_counter() - t0
+    return {"images": len(images), "seconds": round(dt, 2), "images_per_s": round(len(images) / dt, 2),
+            "model_id": pipe.model_id, "batch_size": batch_size}
+
+
+def run(args: argparse.Namespace) -> dict:
+    workdir = Path(tempfile.mkdtemp(prefix="tongkuan-bench-ingest-"))
+    cfg = StackConfig(redis_db=args.redis_db, max_batch=args.max_batch, task_chunk=args.max_batch,
+                      max_wait_ms=args.max_wait_ms, ingest_batch_size=args.batch_size, ort_threads=args.ort_threads,
+                      task_timeout_s=120.0)
+    stack = Stack(workdir, cfg)
+    rng = random.Random(args.seed)
+    report: dict = {"config": dataclasses.asdict(cfg), "items": args.items}
+    try:
+        n_lat_max = int(args.latency_seconds * 20) + 10
+        keys = write_pictures(stack.objects, args.items + n_lat_max, args.seed)
+        bench_keys, lat_keys = keys[: args.items], keys[args.items :]
+        log(f"(i) model-only ceiling on {len(bench_keys)} pictures")
+        report["ceiling"] = ceil = ceiling(stack.objects, bench_keys, args.batch_size, args.ort_threads)
+        log(f"  {ceil['images_per_s']} images/s")
+
+        stack.start()
+        outbox = Outbox(stack.broker.bootstrap)
+        try:
+            # A few events first: group join, first task, caches; not measured.
+            warm = [_upsert(f"warm-{i}", 1, f"warm {i}", "Bags", bench_keys[i]) for i in range(4)]
+            outbox.publish(warm)
+            wait_indexed(stack, len(warm), 120)
+            base = indexed_count(stack)
+
+            log(f"(ii) sustained: {args.items} upserts published as fast as possible")
+            events = [_upsert(f"bench-{i:05d}", 1, f"bench {i}", rng.choice(["Bags", "Shoes", "Toys"]), k)
+                      for i, k in enumerate(bench_keys)]
+            t0 = time.monotonic()
+            outbox.publish(events)
+            t_pub = time.monotonic() - t0
+            samples = wait_indexed(stack, base + len(events), args.timeout)
+            t_end = samples[-1][0]
+            e2e = len(events) / (t_end - t0)
+
+            def at(frac: float) -> float:
+                return next(t for t, n in samples if n - base >= frac * len(events))
+
+            steady = 0.7 * len(events) / max(at(0.9) - at(0.2), 1e-6)
+            report["sustained"] = {
+                "published_in_s": round(t_pub, 2), "searchable_in_s": round(t_end - t0, 2),
+                "items_per_s": round(e2e, 2), "steady_items_per_s": round(steady, 2),
+                "ratio_to_ceiling": round(e2e / ceil["images_per_s"], 3),
+                "steady_ratio_to_ceiling": round(steady / ceil["images_per_s"], 3),
+            }
+            log(f"  {e2e:.2f} items/s end to end ({steady:.2f} steady), ratio {e2e / ceil['images_per_s']:.2f}")
+
+            rate = e2e / 2
+            n_lat = min(len(lat_keys), max(10, int(rate * args.latency_seconds)))
+            log(f"(iii) latency at half rate: {rate:.2f} events/s, {n_lat} events")
+            hist0 = freshness_buckets(stack)
+            base = indexed_count(stack)
+            sent_at: dict[str, float] = {}
+            t_start = time.time()
+            for i in range(n_lat):
+                due = t_start + i / rate
+                time.sleep(max(0.0, due - time.time()))
+                now = time.time()
+                ev = _upsert(f"lat-{i:05d}", 1, f"lat {i}", "Bags", lat_keys[i], event_time=now)
+                sent_at[ev.item_id] = now
+                outbox.publish([ev])
+            wait_indexed(stack, base + n_lat, args.timeout)
+            hist1 = freshness_buckets(stack)
+        finally:
+            outbox.close()
+        stack.worker.stop(grace=60)
+        _, _, payloads = stack.read_index(sent_at)
+        lat = np.array([payloads[i]["indexed_at"] - t for i, t in sent_at.items() if i in payloads])
+        within = {le: hist1.get(le, 0) - hist0.get(le, 0) for le in hist1}
+        total = within.get("+Inf", 0) or 1
+        report["latency_half_rate"] = {
+            "rate_per_s": round(rate, 2), "events": n_lat, "measured": int(lat.size),
+            "p50_s": round(float(np.percentile(lat, 50)), 3), "p90_s": round(float(np.percentile(lat, 90)), 3),
+            "p99_s": round(float(np.percentile(lat, 99)), 3), "max_s": round(float(lat.max()), 3),
+            "worker_histogram_share_le_1s": round(within.get("1.0", 0) / total, 3),
+        }
+        report["goals"] = {
+            "ratio_ge_0.9": report["sustained"]["ratio_to_ceiling"] >= 0.9,
+            "p99_le_1s": report["latency_half_rate"]["p99_s"] <= 1.0,
+        }
+        plot(lat, report, args.png)
+    finally:
+        stack.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return report
+
+
+def plot(lat: np.ndarray, report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lh = report["latency_half_rate"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.hist(lat, bins=40, color="#4c72b0")
+    for q, style in (("p50_s", "--"), ("p99_s", ":")):
+        ax.axvline(lh[q], color="k", linestyle=style, label=f"{q[:-2]} {lh[q]:.3f}s")
+    ax.axvline(1.0, color="r", label="goal p99 1 s")
+    ax.set_xlabel("event → searchable (s)")
+    ax.set_ylabel("items")
+    ax.set_title(f"ingest latency at {lh['rate_per_s']}/s (half the max), n={lh['measured']}")
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m tongkuan.bench_ingest", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--items", type=int, default=480)
+    ap.add_argument("--latency-seconds", type=float, default=20.0)
+    ap.add_argument("--max-batch", type=int, default=128, help="dispatcher max_batch (= task chunk)")
+    ap.add_argument("--max-wait-ms", type=int, default=50, help="dispatcher max_wait_ms")
+    ap.add_argument("--batch-size", type=int, default=32, help="worker embedding batch size")
+    ap.add_argument("--ort-threads", type=int, default=0)
+    ap.add_argument("--redis-db", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=5)
+    ap.add_argument("--timeout", type=float, default=240.0, help="seconds per phase at most")
+    ap.add_argument("--out", type=Path, default=REPO_ROOT / "reports" / "bench-ingest.json")
+    ap.add_argument("--png", type=Path, default=REPO_ROOT / "reports" / "bench-ingest.png")
+    args = ap.parse_args(argv)
+
+    def on_term(signum: int, _frame: object) -> None:
+        raise SystemExit(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_term)
+    report = run(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    c, s, lh = report["ceiling"], report["sustained"], report["latency_half_rate"]
+    rows = [
+        ("model-only ceiling", f"{c['images_per_s']} images/s", ""),
+        ("sustained ingest (end to end)", f"{s['items_per_s']} items/s", f"ratio {s['ratio_to_ceiling']} (goal >= 0.9)"),
+        ("sustained ingest (steady 20-90%)", f"{s['steady_items_per_s']} items/s", f"ratio {s['steady_ratio_to_ceiling']}"),
+        (f"latency at {lh['rate_per_s']}/s p50", f"{lh['p50_s']} s", ""),
+        (f"latency at {lh['rate_per_s']}/s p99", f"{lh['p99_s']} s", "goal <= 1 s"),
+    ]
+    for r in rows:
+        print(f"{r[0]:<34} {r[1]:<18} {r[2]}")
+    print(f"goals: {report['goals']}; report {args.out}, histogram {args.png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
