@@ -78,6 +78,10 @@ class StageTimer:
 
 class VisionPipeline:
     def __init__(self, entry: ModelEntry, embedder: OnnxEmbedder, localizer: Localizer | None = None):
+        if embedder.dim != entry.dim:
+            raise ValueError(
+                f"{embedder.path} outputs {embedder.dim}-d embeddings, registry says {entry.dim}"
+            )
         self.entry = entry
         self.embedder = embedder
         self.model_id: str = entry.model_id
