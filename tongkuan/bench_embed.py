@@ -5,8 +5,9 @@
 1. Throughput, images/s, on real dataset photos already pre-processed (model only), at batch 1 and
    batch 32: torch eager (the reference backbone) vs ONNX Runtime (the served graph); plus the
    serving call ``VisionPipeline.embed_catalog`` (pre-processing and crop policy included).
-2. Single-query latency per stage — decode (bytes -> RGB), localize, embed — median and p95, as
-   the query service runs them (``VisionPipeline.embed_query``).
+2. Single-query latency per stage — decode (bytes -> RGB), localize, embed, search (the grocery
+   catalog in a fresh embedded index, ``Searcher.search_vectors``) — median and p95.
+3. Both for the ImageNet model and the active (trained) model, so their inference cost compares.
 
 Writes ``reports/bench-embed.json`` and a latency histogram ``reports/bench-embed.png``.
 Hook for later stages: ``query_stages(pipe, data, extra={"search": fn})`` times ``fn(query)`` as a
@@ -163,13 +164,66 @@ def plot(samples: list[dict[str, float]], path: Path) -> None:
     plt.close(fig)
 
 
+def _catalog_searcher(pipe: VisionPipeline, settings: Settings, data: Path, work: Path):
+    """The grocery catalog in a fresh embedded index, for the search stage."""
+    from index.factory import open_index
+    from query.searcher import Searcher
+    from tongkuan.datasets import GroceryDataset
+    from workers.catalog import read_catalog
+    from workers.fetch import ImageFetcher
+    from workers.pipeline import ingest_stream
+
+    s = settings.model_copy(update={"data_dir": work, "index_backend": "edge"})
+    index = open_index(s, pipe.dim, model_id=pipe.model_id)
+    ingest_stream(read_catalog(GroceryDataset(data).catalog_dir), index=index, embedder=pipe,
+                  fetcher=ImageFetcher())
+    return index, Searcher(index, pipe)
+
+
+def bench_model(name: str, settings: Settings, args, blobs: list[bytes], batches: list[int]) -> dict:
+    import tempfile
+
+    pipe = VisionPipeline.from_settings(settings.model_copy(update={"model": name}))
+    log(f"model {pipe.model_id} ({pipe.embedder.providers[0]}), data {args.data}")
+    images = [decode_image(b) for b in blobs[: args.images]]
+    log(f"throughput on {len(images)} images")
+    rows = throughput(pipe, images, batches, settings.ort_threads)
+
+    with tempfile.TemporaryDirectory(prefix="tongkuan-bench-") as work:
+        index, searcher = _catalog_searcher(pipe, settings, args.data, Path(work))
+        extra = {"search": lambda q: searcher.search_vectors(q.vectors[:2], limit=10)}
+        log(f"latency: {args.queries} single queries (max_regions={args.max_regions}), "
+            f"search over {index.count()} catalog items")
+        query_stages(pipe, blobs[0], max_regions=args.max_regions, extra=extra)  # warm-up
+        samples = []
+        for i, data in enumerate(blobs[: args.queries]):
+            samples.append(query_stages(pipe, data, max_regions=args.max_regions, extra=extra))
+            if (i + 1) % 25 == 0:
+                log(f"  {i + 1}/{args.queries}")
+        index.close()
+    return {
+        "model_id": pipe.model_id,
+        "providers": pipe.embedder.providers,
+        "input_size": pipe.entry.input_size,
+        "scales": list(pipe.entry.all_sizes),
+        "crop": vars(pipe.entry.crop),
+        "dim": pipe.dim,
+        "throughput": rows,
+        "latency": summarize(samples),
+        "samples": samples,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
+    from vision.registry import ModelRegistry
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", type=Path, default=Path("/work/shared/datasets/grocery"))
     ap.add_argument("--images", type=int, default=64, help="images for the throughput runs")
     ap.add_argument("--queries", type=int, default=100, help="single queries for the latency run")
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--max-regions", type=int, default=3)
+    ap.add_argument("--models", default="", help="comma-separated registry names (default: ImageNet + active)")
     ap.add_argument("--threads", type=int, default=None, help="ORT/torch threads (default: settings)")
     ap.add_argument("--out", type=Path, default=Path("reports/bench-embed.json"))
     args = ap.parse_args(argv)
@@ -177,53 +231,39 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings()
     if args.threads is not None:
         settings = settings.model_copy(update={"ort_threads": args.threads})
-    pipe = VisionPipeline.from_settings(settings)
-    log(f"model {pipe.model_id} ({pipe.embedder.providers[0]}), data {args.data}")
+    registry = ModelRegistry(settings.model_dir)
+    names = [n for n in args.models.split(",") if n] or list(dict.fromkeys(["lite0-imagenet", registry.active]))
     batches = [int(b) for b in args.batches.split(",")]
-
     n = max(args.images, args.queries, max(batches))
-    paths = dataset_paths(args.data, n)
-    blobs = [p.read_bytes() for p in paths]
-    images = [decode_image(b) for b in blobs[: args.images]]
-    log(f"throughput on {len(images)} images")
-    rows = throughput(pipe, images, batches, settings.ort_threads)
+    blobs = [p.read_bytes() for p in dataset_paths(args.data, n)]
 
-    log(f"latency: {args.queries} single queries (max_regions={args.max_regions})")
-    query_stages(pipe, blobs[0], max_regions=args.max_regions)  # warm-up
-    samples = []
-    for i, data in enumerate(blobs[: args.queries]):
-        samples.append(query_stages(pipe, data, max_regions=args.max_regions))
-        if (i + 1) % 25 == 0:
-            log(f"  {i + 1}/{args.queries}")
-    latency = summarize(samples)
+    results = {name: bench_model(name, settings, args, blobs, batches) for name in names}
 
-    print(f"\nthroughput ({pipe.model_id}, {len(images)} real images, input {pipe.entry.input_size}px)")
-    print(f"{'engine':<16} {'what':<14} {'batch':>5} {'images/s':>9}")
-    for r in rows:
-        print(f"{r['engine']:<16} {r['what']:<14} {r['batch']:>5} {r['images_per_s']:>9.1f}")
-    print(f"\nsingle-query latency ({len(samples)} queries, max_regions={args.max_regions})")
-    print(f"{'stage':<10} {'median ms':>9} {'p95 ms':>8}")
-    for k, v in latency.items():
-        print(f"{k:<10} {v['median_ms']:>9.2f} {v['p95_ms']:>8.2f}")
+    for res in results.values():
+        print(f"\nthroughput ({res['model_id']}, {args.images} real images, input {res['input_size']}px, "
+              f"scales {res['scales']}, {res['dim']}-d)")
+        print(f"{'engine':<16} {'what':<14} {'batch':>5} {'images/s':>9}")
+        for r in res["throughput"]:
+            print(f"{r['engine']:<16} {r['what']:<14} {r['batch']:>5} {r['images_per_s']:>9.1f}")
+        print(f"single-query latency ({args.queries} queries, max_regions={args.max_regions})")
+        print(f"{'stage':<10} {'median ms':>9} {'p95 ms':>8}")
+        for k, v in res["latency"].items():
+            print(f"{k:<10} {v['median_ms']:>9.2f} {v['p95_ms']:>8.2f}")
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    png = args.out.with_suffix(".png")
-    plot(samples, png)
+    for name, res in results.items():
+        png = args.out.with_name(f"{args.out.stem}-{name}.png")
+        plot(res.pop("samples"), png)
+        res["latency_png"] = str(png)
     report = {
-        "model_id": pipe.model_id,
-        "providers": pipe.embedder.providers,
-        "input_size": pipe.entry.input_size,
-        "scales": list(pipe.entry.all_sizes),
-        "crop": vars(pipe.entry.crop),
         "threads": settings.ort_threads,
         "machine": {"platform": platform.platform(), "python": platform.python_version()},
         "data": str(args.data),
-        "throughput": rows,
-        "latency": latency,
         "max_regions": args.max_regions,
+        "models": results,
     }
     args.out.write_text(json.dumps(report, indent=1) + "\n")
-    print(f"\nwrote {args.out} and {png}")
+    print(f"\nwrote {args.out} and {args.out.stem}-<model>.png")
     return 0
 
 

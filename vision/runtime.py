@@ -108,6 +108,11 @@ class VisionPipeline:
         )
 
     @property
+    def crops_queries(self) -> bool:
+        """Whether the main query region is a crop (then the full photo is a second view of it)."""
+        return self.entry.crop.query != "none"
+
+    @property
     def timings(self) -> dict[str, float]:
         return dict(self.stage_timer.last)
 
