@@ -30,10 +30,13 @@ class Product:
     top: str
     iconic_path: Path
 
+    catalog_root: Path
+
     @property
     def item_id(self) -> str:
-        """The id the directory catalog reader gives this product: ``Top/Coarse/Fine``."""
-        return self.iconic_path.parent.relative_to(self.iconic_path.parents[3]).as_posix()
+        """The id the directory catalog reader gives this product: its directory below the catalog
+        root (``Fruit/Apple/Granny-Smith``, or ``Fruit/Avocado`` where a coarse class has one product)."""
+        return self.iconic_path.parent.relative_to(self.catalog_root).as_posix()
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,8 @@ class GroceryDataset:
                 iconic = self.dir / row[4].strip().lstrip("/")
                 top = Path(row[4].strip().lstrip("/")).parts[1]
                 self.products.append(
-                    Product(int(row[1]), row[0].strip(), int(row[3]), row[2].strip(), top, iconic)
+                    Product(int(row[1]), row[0].strip(), int(row[3]), row[2].strip(), top, iconic,
+                            self.dir / ICONIC_DIR)
                 )
         self.by_fine = {p.fine_id: p for p in self.products}
         self.coarse_names = {p.coarse_id: p.coarse_name for p in self.products}

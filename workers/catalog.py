@@ -4,8 +4,9 @@ A bad row never stops the rest: ``read_catalog`` yields ``CatalogItem`` objects 
 records (with the row's item id when it has one, else ``line N`` / the file path) in file order.
 
 Directory layout: directories are categories. A leaf directory holding exactly one image is one item
-(its id is the directory's relative path, e.g. ``Fruit/Apple/Granny-Smith``, category path = the
-directories above it); a directory holding several images makes each image an item (id = relative
+(its id is the directory's relative path, e.g. ``Fruit/Apple/Granny-Smith``, and so is its category
+path: the directory is the item's leaf category, so ``Fruit/Avocado`` gets the coarse category
+``Avocado`` like ``Fruit/Apple/Granny-Smith`` gets ``Apple``); a directory holding several images makes each image an item (id = relative
 path without extension, category path = the directories). A title comes from a ``*_Information.txt``
 file's ``Title:`` line beside the image (the GroceryStore layout), else from the name.
 """
@@ -97,7 +98,7 @@ def _read_directory(root: Path) -> Iterator[CatalogItem | ItemFailure]:
         for image in images:
             if len(images) == 1 and rel_dir.parts:
                 item_id = rel_dir.as_posix()
-                category = rel_dir.parts[:-1] or rel_dir.parts
+                category = rel_dir.parts  # the item's own directory is its leaf category
                 name = rel_dir.parts[-1]
             else:
                 item_id = (rel_dir / image.stem).as_posix()

@@ -47,7 +47,8 @@ def test_directory_layout(tmp_path):
     rows = sorted(read_catalog(tmp_path), key=lambda r: r.item_id)
     assert [r.item_id for r in rows] == ["Fruit/Apple/Granny-Smith", "Packages/Milk/one", "Packages/Milk/two"]
     assert rows[0].title == "Apple Granny Smith Class 1"
-    assert rows[0].category_path == ("Fruit", "Apple") and rows[0].shard == "Fruit"
+    assert rows[0].category_path == ("Fruit", "Apple", "Granny-Smith") and rows[0].shard == "Fruit"
+    assert rows[0].coarse_category == "Apple"
     assert rows[1].category_path == ("Packages", "Milk") and rows[1].title == "one"
 
 
