@@ -1,0 +1,63 @@
+"""Quality gate: the production ingest + query code on the val split must keep the numbers reached
+(`make eval`, README), minus a margin of ~0.03 for platform noise, so a regression fails CI.
+
+The shipped (active) model is checked on every task; the ImageNet model, still selectable, is checked
+on photo→catalog in the fast suite and on everything in the slow one (its multi-scale, cropped
+gallery of 2,640 photos takes minutes on 2 cores)."""
+
+import json
+
+import pytest
+
+from tests.vision.conftest import DATA, model_dir  # noqa: F401 - fixture
+from tongkuan.evaluate import evaluate
+from tongkuan.settings import Settings
+from vision.registry import ModelRegistry
+
+# Measured on val with `make eval` (README), minus ~0.03.
+FLOORS = {
+    "lite0-imagenet": {
+        "photo_to_catalog.recall@1": 0.39, "photo_to_catalog.recall@5": 0.65,
+        "photo_to_photo.recall@1": 0.52, "coarse_accuracy": 0.72,
+    },
+    "lite0-grocery-v1": {
+        "photo_to_catalog.recall@1": 0.69, "photo_to_catalog.recall@5": 0.93,
+        "photo_to_photo.recall@1": 0.74, "coarse_accuracy": 0.86,
+    },
+}
+
+
+def _get(metrics, dotted):
+    node = metrics
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _check(model, model_dir, tmp_path, *, photo_to_photo):  # noqa: F811
+    if not (DATA / "dataset" / "val.txt").exists():
+        pytest.skip("grocery dataset not available")
+    assert model in FLOORS, f"no val floors recorded for {model}: run `make eval` and add them here"
+    settings = Settings(model_dir=model_dir, model=model, data_dir=tmp_path / "var")
+    metrics = evaluate(DATA, "val", settings=settings, out_dir=tmp_path, progress=False,
+                       photo_to_photo=photo_to_photo)
+    saved = json.loads((tmp_path / "eval-val.json").read_text())
+    assert (tmp_path / "eval-val.png").stat().st_size > 0
+    for key, floor in FLOORS[model].items():
+        if not photo_to_photo and not key.startswith("photo_to_catalog"):
+            continue
+        assert _get(saved, key) == _get(metrics, key)
+        assert _get(metrics, key) >= floor, f"{model} {key} = {_get(metrics, key):.3f} < {floor}"
+
+
+def test_shipped_model_val_metrics_hold(model_dir, tmp_path):  # noqa: F811
+    _check(ModelRegistry(model_dir).active, model_dir, tmp_path, photo_to_photo=True)
+
+
+def test_imagenet_photo_to_catalog_holds(model_dir, tmp_path):  # noqa: F811
+    _check("lite0-imagenet", model_dir, tmp_path, photo_to_photo=False)
+
+
+@pytest.mark.slow
+def test_imagenet_all_val_metrics_hold(model_dir, tmp_path):  # noqa: F811
+    _check("lite0-imagenet", model_dir, tmp_path, photo_to_photo=True)
