@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from vision.preprocess import Preprocess
-from vision.registry import CropPolicy, ModelEntry, ModelRegistry, sha256_file
+from vision.registry import CropPolicy, ModelEntry, ModelNotAvailable, ModelRegistry, sha256_file
 
 OPSET = 17
 INPUT_NAME = "input"
@@ -190,7 +190,17 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     model_dir = args.model_dir or Settings().model_dir
     build_imagenet_model(model_dir, force=args.force)
-    return 0
+    # Shipped (committed) models: check each file against the sha256 its registry entry records.
+    reg = ModelRegistry(model_dir)
+    status = 0
+    for name in reg.names():
+        try:
+            path = reg.verify(reg.get(name))
+            print(f"model {reg.get(name).model_id}: {path.name} verified" + (" (active)" if name == reg.active else ""))
+        except ModelNotAvailable as e:
+            print(f"model {name}: NOT AVAILABLE: {e}")
+            status = 1 if name == reg.active else status
+    return status
 
 
 if __name__ == "__main__":
