@@ -1,6 +1,6 @@
 """Embedding benchmark (``make bench-embed``): throughput and single-query latency per stage.
 
-    python -m tongkuan.bench_embed [--data /work/shared/datasets/grocery] [--images 64] [--queries 100]
+    python -m tongkuan.bench_embed [--data ../shared/datasets/grocery] [--images 64] [--queries 100]
 
 1. Throughput, images/s, on real dataset photos already pre-processed (model only), at batch 1 and
    batch 32: torch eager (the reference backbone) vs ONNX Runtime (the served graph); plus the
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tongkuan.settings import Settings
+from tongkuan.settings import DEFAULT_DATA, Settings
 from vision.decode import decode_image
 from vision.preprocess import preprocess
 from vision.runtime import QueryEmbedding, VisionPipeline
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     from vision.registry import ModelRegistry
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, default=Path("/work/shared/datasets/grocery"))
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--images", type=int, default=64, help="images for the throughput runs")
     ap.add_argument("--queries", type=int, default=100, help="single queries for the latency run")
     ap.add_argument("--batches", default="1,32")

@@ -8,9 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from tongkuan.settings import REPO_ROOT, Settings
-
-DEFAULT_DATA = REPO_ROOT.parent / "shared" / "datasets" / "grocery"
+from tongkuan.settings import DEFAULT_DATA, REPO_ROOT, Settings
 
 
 def _open(settings: Settings):

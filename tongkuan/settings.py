@@ -10,6 +10,8 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# The GroceryStore dataset beside the checkout (shared/ sits next to the repository).
+DEFAULT_DATA = REPO_ROOT.parent / "shared" / "datasets" / "grocery"
 
 
 class Settings(BaseSettings):

@@ -2,7 +2,7 @@
 its registry entry) on a GroceryStore-layout split — the end-to-end check of what ``vision.tune``
 chose, and the command to score later fine-tuned models with.
 
-    python -m vision.evaluate --data /work/shared/datasets/grocery --split val [--model NAME]
+    python -m vision.evaluate --data ../shared/datasets/grocery --split val [--model NAME]
 
 photo -> catalog (iconic images) and photo -> photo (train photos, skipped for --split train);
 query scoring: ``main`` = the main region's vector only, ``max`` = max similarity over the query's
@@ -64,11 +64,11 @@ def evaluate(pipe, data: Path, split: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tongkuan.settings import Settings
+    from tongkuan.settings import DEFAULT_DATA, Settings
     from vision.runtime import VisionPipeline
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, default=Path("/work/shared/datasets/grocery"))
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--split", default="val")
     ap.add_argument("--model", default="", help="registered model name (default: settings / active)")
     ap.add_argument("--out", type=Path, default=None)

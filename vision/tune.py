@@ -1,6 +1,6 @@
 """Choose the ImageNet model's retrieval config on a validation split (never the test split).
 
-    python -m vision.tune --data /work/shared/datasets/grocery --split val [--sizes 224,256,288,320]
+    python -m vision.tune --data ../shared/datasets/grocery --split val [--sizes 224,256,288,320]
 
 Tasks (GroceryStore layout, see the dataset README):
 - photo -> catalog: each ``<split>.txt`` shop photo against the iconic images of ``classes.csv``
@@ -144,12 +144,12 @@ def recall(q: np.ndarray, g: np.ndarray, ql: np.ndarray, gl: np.ndarray, ks=(1, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from tongkuan.settings import Settings
+    from tongkuan.settings import DEFAULT_DATA, Settings
     from vision.export import build_imagenet_model
     from vision.registry import ModelRegistry
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, default=Path("/work/shared/datasets/grocery"))
+    ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--split", default="val")
     ap.add_argument("--sizes", default="224,256,288,320")
     ap.add_argument("--margin", type=float, default=0.1, help="crop margin (fraction of box size)")

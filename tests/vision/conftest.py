@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from tongkuan.settings import Settings
+from tongkuan.settings import DEFAULT_DATA, Settings
 
-DATA = Path(os.environ.get("TONGKUAN_TEST_GROCERY", "/work/shared/datasets/grocery"))
+DATA = Path(os.environ.get("TONGKUAN_TEST_GROCERY", str(DEFAULT_DATA)))
 
 
 @pytest.fixture(scope="session")
