@@ -23,7 +23,7 @@ from vision.training.data import (
 from vision.training.losses import MarginSoftmax, batch_hard_mine, batch_hard_triplet
 
 REPO = Path(__file__).resolve().parents[2]
-SHIPPED = "lite0-grocery-v1"
+SHIPPED = "lite0-grocery-v2"
 
 
 def test_parse_class_spec():

@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
             score = m["photo2catalog_r1"] + 0.01 * m["photo2catalog_r5"]
             if score >= best["score"]:
                 best = {"score": score, "epoch": epoch}
-                torch.save({"model": model.state_dict(), "args": vars(args), "epoch": epoch,
+                torch.save({"model": model.state_dict(), "margin_head": head.state_dict(), "args": vars(args), "epoch": epoch,
                             "n_coarse": n_coarse}, var / "best.pt")
         with open(reports / f"train-{name}.json", "w") as fh:
             json.dump(log, fh, indent=1)
