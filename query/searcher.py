@@ -48,6 +48,7 @@ class Searcher:
         candidate_k: int = 60,
         category_k: int = DEFAULT_K,
         shard_min_confidence: float = 0.6,
+        classifier_weight: float = 0.5,
         reranker: Reranker | None = None,
         max_image_bytes: int = 20 * 1024 * 1024,
         max_image_pixels: int = 40_000_000,
@@ -57,6 +58,7 @@ class Searcher:
         self.candidate_k = candidate_k
         self.category_k = category_k
         self.shard_min_confidence = shard_min_confidence
+        self.classifier_weight = classifier_weight
         self.reranker = reranker
         self.max_image_bytes = max_image_bytes
         self.max_image_pixels = max_image_pixels
@@ -95,9 +97,11 @@ class Searcher:
             QUERY_STAGE_SECONDS.labels(stage).observe(seconds)
         objects = []
         search_ms = 0.0
-        for rows in _object_groups(q.regions, image.size)[:max_objects]:
+        for n, rows in enumerate(_object_groups(q.regions, image.size)[:max_objects]):
             t1 = time.perf_counter()
-            pred, hits = self.search_vectors(q.vectors[rows], limit=limit, shards=shards)
+            # The classifier head sees the whole photo: it speaks for the main product only.
+            probs = getattr(q, "category_probs", None) if n == 0 else None
+            pred, hits = self.search_vectors(q.vectors[rows], limit=limit, shards=shards, classifier=probs)
             search_ms += (time.perf_counter() - t1) * 1000
             region = q.regions[rows[0]]
             objects.append(
@@ -139,12 +143,18 @@ class Searcher:
         return self.search_vectors(vector[None, :], limit=limit, shards=shards)
 
     def search_vectors(
-        self, vectors: np.ndarray, *, limit: int = 10, shards: Sequence[str] | None = None
+        self,
+        vectors: np.ndarray,
+        *,
+        limit: int = 10,
+        shards: Sequence[str] | None = None,
+        classifier: dict[str, float] | None = None,
     ) -> tuple[CategoryOut | None, list[SearchHit]]:
-        """Search with one or more views of one product; a candidate scores its best view."""
+        """Search with one or more views of one product; a candidate scores its best view.
+        ``classifier``: coarse category -> probability, fused with the neighbours' vote."""
         k = max(self.candidate_k, self.category_k, limit)
         raw = self._search_max(vectors, k, shards)
-        pred = predict_category(raw, k=self.category_k)
+        pred = predict_category(raw, k=self.category_k, classifier=classifier, alpha=self.classifier_weight)
         searched = sorted({h.shard for h in raw}) if shards is None else list(shards)
         if pred is not None and shards is None and pred.shard_confidence >= self.shard_min_confidence:
             in_shard = [h for h in raw if h.shard == pred.shard]

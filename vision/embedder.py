@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vision.export import INPUT_NAME, OUTPUT_EMBEDDING, OUTPUT_FEATURES
+from vision.export import INPUT_NAME, OUTPUT_COARSE, OUTPUT_EMBEDDING, OUTPUT_FEATURES
 from vision.preprocess import Preprocess, preprocess
 
 
@@ -41,6 +41,7 @@ class OnnxEmbedder:
         self.session = ort.InferenceSession(str(path), so, providers=providers or default_providers())
         self.providers = self.session.get_providers()
         self.dim = int(self.session.get_outputs()[1].shape[1])
+        self.has_coarse = OUTPUT_COARSE in {o.name for o in self.session.get_outputs()}
 
     def run(self, x: np.ndarray, *, features: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
         """(N, 3, H, W) float32 -> (features (N, C, h, w) or None, embeddings (N, dim) L2-normalised)."""
@@ -48,6 +49,15 @@ class OnnxEmbedder:
         outs = self.session.run(names, {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)})
         emb = l2_normalize(outs[-1])
         return (outs[0] if features else None), emb
+
+    def run_with_coarse(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(embeddings L2-normalised, coarse-category probabilities) in one pass; needs ``has_coarse``."""
+        emb, logits = self.session.run(
+            [OUTPUT_EMBEDDING, OUTPUT_COARSE], {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)}
+        )
+        z = logits - logits.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        return l2_normalize(emb), p / p.sum(axis=1, keepdims=True)
 
     def embed_images(
         self, images: Sequence[Image.Image], cfg: Preprocess, *, batch_size: int = 32

@@ -35,6 +35,8 @@ OPSET = 17
 INPUT_NAME = "input"
 OUTPUT_FEATURES = "features"
 OUTPUT_EMBEDDING = "embedding"
+# Optional head of fine-tuned models: coarse-category logits, names in ModelEntry.classes["coarse"].
+OUTPUT_COARSE = "coarse_logits"
 
 # The ImageNet model's definition, chosen on grocery val with ``python -m vision.tune``
 # (reports/tune-val.json; 296 val photos, so +-0.03 R@1 is noise):

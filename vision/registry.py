@@ -62,6 +62,8 @@ class ModelEntry:
     metrics: dict[str, Any] = field(default_factory=dict)
     created: str = ""
     notes: str = ""
+    # Label names of the graph's optional heads, by output index: {"coarse": [...]}.
+    classes: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def input_size(self) -> int:
@@ -98,6 +100,7 @@ class ModelEntry:
             metrics=dict(d.get("metrics", {})),
             created=d.get("created", ""),
             notes=d.get("notes", ""),
+            classes={k: list(v) for k, v in d.get("classes", {}).items()},
         )
 
     def with_sha(self, sha256: str) -> ModelEntry:

@@ -37,6 +37,9 @@ class QueryEmbedding:
     vectors: np.ndarray  # (R, dim) float32, L2-normalised; vectors[0] is the main region
     regions: list[Region]  # same order as vectors
     model_id: str
+    # Coarse category -> probability from the model's classifier head on the full photo (None when
+    # the model has no head); the query side fuses it with the neighbours' vote.
+    category_probs: dict[str, float] | None = None
 
     @property
     def main(self) -> np.ndarray:
@@ -106,6 +109,11 @@ class VisionPipeline:
         return cls.from_registry(
             settings.model_dir, settings.model, threads=settings.ort_threads, localizer=localizer
         )
+
+    @property
+    def classifies(self) -> bool:
+        """Whether the model has a coarse-category head with named classes."""
+        return self.embedder.has_coarse and bool(self.entry.classes.get("coarse"))
 
     @property
     def crops_queries(self) -> bool:
@@ -206,6 +214,8 @@ class VisionPipeline:
             for i in range(len(regions)):
                 if i not in todo:
                     vectors[i] = full_vec
+            probs = None
+            full_rows = [j for j, i in enumerate(todo) if regions[i].box == full.box]
             for k, size in enumerate(sizes):
                 if not todo:
                     break
@@ -215,11 +225,22 @@ class VisionPipeline:
                     if i == 0 and main_is_crop and per_scale_main is not None:
                         r = per_scale_main[k] or r
                     crops.append(image if r.box == full.box else r.crop(image, margin))
-                vectors[todo] += self.embedder.run(
-                    preprocess(crops, self.preprocessing.with_size(size)), features=False
-                )[1]
+                x = preprocess(crops, self.preprocessing.with_size(size))
+                if k == 0 and self.classifies and full_rows:
+                    emb, p = self.embedder.run_with_coarse(x)  # the head rides on the same pass
+                    probs = p[full_rows[0]]
+                else:
+                    emb = self.embedder.run(x, features=False)[1]
+                vectors[todo] += emb
+            if self.classifies and probs is None:  # full photo not embedded above (SCDA path)
+                probs = self.embedder.run_with_coarse(preprocess([image], self.preprocessing))[1][0]
             vectors = l2_normalize(vectors)
-        return QueryEmbedding(vectors=vectors, regions=regions, model_id=self.model_id)
+        category_probs = None
+        if probs is not None:
+            names = self.entry.classes["coarse"]
+            category_probs = {names[i]: float(probs[i]) for i in range(min(len(names), len(probs)))}
+        return QueryEmbedding(vectors=vectors, regions=regions, model_id=self.model_id,
+                              category_probs=category_probs)
 
     def stage_durations(self) -> dict[str, float]:
         """Alias of ``timings`` (seconds per stage of the last call), for benchmarks."""
