@@ -162,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-dir", default="models")
     ap.add_argument("--activate", action="store_true")
     ap.add_argument("--no-register", action="store_true")
+    ap.add_argument("--name", default="", help="registry name (default: the training run's --out)")
+    ap.add_argument("--serve-size", type=int, default=0,
+                    help="serving input size if not the training size; val metrics are recomputed at it")
     args = ap.parse_args(argv)
     ck = torch.load(args.checkpoint, map_location="cpu")
     a = ck["args"]
@@ -169,9 +172,22 @@ def main(argv: list[str] | None = None) -> int:
         model = EmbeddingNet(dim=a["dim"], n_coarse=ck["n_coarse"], freeze_blocks=a["freeze_blocks"])
     model.load_state_dict(ck["model"])
     log = json.loads(Path(args.log or f"{a['reports']}/train-{a['out']}.json").read_text())
-    cfg = Preprocess(input_size=a["size"])
+    cfg = Preprocess(input_size=args.serve_size or a["size"])
     val = read_split(args.data, a["val_split"])
-    export_and_register(model, name=a["out"], cfg=cfg, data_dir=args.data, log=log, model_dir=args.model_dir,
+    if args.serve_size and args.serve_size != a["size"]:
+        from vision.training.data import read_classes
+        from vision.training.evaluate import evaluate, torch_embed_fn
+
+        model.eval()
+        keep = set(log["train_classes"])
+        classes = read_classes(args.data)
+        train = read_split(args.data, a["train_split"])
+        final = evaluate(torch_embed_fn(model, torch.device("cpu")), cfg, [s for s in val if s.fine_id in keep],
+                         classes, gallery_photos=train, progress=True)
+        print(f"val at {args.serve_size}: {json.dumps(final)}", flush=True)
+        log = {**log, "final": final}
+        log["args"] = {**a, "note": f"trained at {a['size']}, served at {args.serve_size}"}
+    export_and_register(model, name=args.name or a["out"], cfg=cfg, data_dir=args.data, log=log, model_dir=args.model_dir,
                         register=not args.no_register, activate=args.activate,
                         check_images=[s.path for s in val[:16]])
     return 0
