@@ -28,12 +28,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from vision.export import INPUT_NAME, OPSET, OUTPUT_EMBEDDING, OUTPUT_FEATURES
+from vision.export import INPUT_NAME, OPSET, OUTPUT_COARSE, OUTPUT_EMBEDDING, OUTPUT_FEATURES
 from vision.preprocess import Preprocess, preprocess
 from vision.registry import CropPolicy, ModelEntry, ModelRegistry, sha256_file
 from vision.training.data import load_rgb
 
-OUTPUT_COARSE = "coarse_logits"
 MIN_COSINE = 0.999
 
 
@@ -129,6 +128,7 @@ def export_and_register(model: nn.Module, *, name: str, cfg: Preprocess, data_di
                        f"({_ranges(classes)}); selected on '{a['val_split']}'"),
         metrics=metrics,
         created=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        classes={"coarse": coarse_names(data_dir)},
         notes=(f"ONNX outputs: {OUTPUT_FEATURES} (N,1280,H/32,W/32), {OUTPUT_EMBEDDING} (N,{model.dim}) "
                f"L2-normalised, {OUTPUT_COARSE} (N,{model.n_coarse}) coarse-category logits over classes.csv "
                "coarse ids. Trained and measured on full images (crop none)."),
@@ -137,6 +137,15 @@ def export_and_register(model: nn.Module, *, name: str, cfg: Preprocess, data_di
         reg.register_model(entry, overwrite=True, activate=activate)
         print(f"registered {entry.model_id} in {reg.path} (active: {reg.active})", flush=True)
     return entry.to_dict()
+
+
+def coarse_names(data_dir: str) -> list[str]:
+    """Names of the coarse head's outputs, by coarse id (``classes.csv``): the serving side fuses the
+    head's probabilities with the neighbours' vote by these names."""
+    from tongkuan.datasets import GroceryDataset
+
+    names = GroceryDataset(data_dir).coarse_names
+    return [names[i] for i in range(len(names))]
 
 
 def _ranges(ids: Sequence[int]) -> str:
