@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help venv model demo test test-all eval bench-embed bench-ingest drill up down lint clean
+.PHONY: help venv model demo test test-all eval train bench-embed bench-ingest drill up down lint clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-14s %s\n", $$1, $$2}'
@@ -38,6 +38,9 @@ test-all: model ## every test, slow ones included
 
 eval: model ## Recall@K/mAP/category accuracy: make eval DATA=DIR SPLIT=NAME
 	$(PY) -m tongkuan.cli eval --data $(DATA) --split $(SPLIT)
+
+train: model ## fine-tune the same-product embedding on DATA's train split (CPU ~30 min), export + register
+	$(PY) -m tongkuan.cli train --data $(DATA) $(TRAIN_ARGS)
 
 bench-embed: model ## images/s torch vs ONNX Runtime, per-stage query latency -> reports/bench-embed.json
 	$(PY) -m tongkuan.bench_embed --data $(DATA)

@@ -162,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_eval)
 
+    sub.add_parser("train", help="fine-tune the embedding on catalog labels (tongkuan train --help)")
     sub.add_parser("reembed", help="blue/green re-embedding into another model's index generation "
                    "(tongkuan reembed --help)")
     sub.add_parser("hygiene", help="catalog hygiene reports: dupes | denoise | merge (tongkuan hygiene --help)")
@@ -179,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
         from workers.hygiene.__main__ import main as hygiene_main
 
         return hygiene_main(argv[1:])
+    if argv[:1] == ["train"]:  # same-product fine-tuning (torch), exported + registered
+        from vision.training.train import main as train_main
+
+        return train_main(argv[1:])
     if argv[:1] == ["reembed"]:  # blue/green: re-embed into a new generation, switch atomically
         from workers.reembed import main as reembed_main
 
