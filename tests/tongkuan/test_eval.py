@@ -24,6 +24,10 @@ FLOORS = {
         "photo_to_catalog.recall@1": 0.69, "photo_to_catalog.recall@5": 0.93,
         "photo_to_photo.recall@1": 0.74, "coarse_accuracy": 0.86,
     },
+    "lite0-grocery-v2-s224": {
+        "photo_to_catalog.recall@1": 0.83, "photo_to_catalog.recall@5": 0.93,
+        "photo_to_photo.recall@1": 0.83, "coarse_accuracy": 0.89,
+    },
     "lite0-grocery-v2": {
         "photo_to_catalog.recall@1": 0.79, "photo_to_catalog.recall@5": 0.91,
         "photo_to_photo.recall@1": 0.80, "coarse_accuracy": 0.90,
