@@ -6,9 +6,9 @@ import time
 from collections import defaultdict
 
 import pytest
-from tests.events.conftest import Bus, drain, unique
 
 from events.bus import InMemoryBus, PublishError, TopicPartition
+from tests.events.conftest import Bus, drain, unique
 
 
 def _publish(bus: Bus, topic: str, n: int, keys: int = 5) -> list[tuple[str, bytes]]:

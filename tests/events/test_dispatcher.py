@@ -11,10 +11,10 @@ import time
 from typing import Any
 
 import pytest
-from tests.events.conftest import Bus, unique
 
 from events.bus import DLQ_REASON, TopicPartition
 from events.models import ItemDeleted, ItemFeaturesUpdated, ItemUpserted, event_to_bytes
+from tests.events.conftest import Bus, unique
 from workers.dispatcher import TASK_NAME, CelerySender, Dispatcher, DispatcherSettings, coalesce
 
 

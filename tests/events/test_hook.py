@@ -7,13 +7,13 @@ import time
 import warnings
 
 import pytest
-from tests.events.conftest import drain, unique
 from pydantic import ValidationError
 
 from events.bus import EventProducer, InMemoryBus, PublishError
 from events.hook import HookSettings, create_app, sign, signed_headers
 from events.models import parse_event
 from events.topics import CATALOG_ITEMS
+from tests.events.conftest import drain, unique
 
 with warnings.catch_warnings():
     # starlette 1.x asks for ``httpx2`` (not installed here); the httpx path still works.

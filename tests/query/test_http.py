@@ -1,7 +1,6 @@
 """The query routes on the real vision runtime and embedded index. Bad input → what each gets:
 corrupt/empty/non-image body → 422 with the reason code; body over the cap → 413; unknown item id → 404."""
 
-import io
 
 import pytest
 from fastapi.testclient import TestClient

@@ -8,6 +8,9 @@ import time
 
 import pytest
 from prometheus_client import REGISTRY
+
+from events.models import ItemDeleted, ItemFeaturesUpdated, ItemUpserted
+from index.edge import EdgeIndex
 from tests.workers.workers_testlib import (
     JPEG,
     PNG,
@@ -17,9 +20,6 @@ from tests.workers.workers_testlib import (
     image_bytes,
     transient,
 )
-
-from events.models import ItemDeleted, ItemFeaturesUpdated, ItemUpserted
-from index.edge import EdgeIndex
 from tongkuan.settings import Settings
 from workers import tasks
 from workers.celery_app import check_pool

@@ -15,10 +15,10 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
-from tests.workers.workers_testlib import FakeEmbedder, image_bytes
 
 from events.models import ItemDeleted, ItemUpserted
 from index.factory import open_index
+from tests.workers.workers_testlib import FakeEmbedder, image_bytes
 from tongkuan.settings import Settings
 from workers.celery_app import APPLY_EVENTS_TASK, WorkerSettings, create_app
 

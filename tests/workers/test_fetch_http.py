@@ -8,8 +8,8 @@ import socket
 
 import httpcore
 import pytest
-from tests.workers.workers_testlib import JPEG, PNG
 
+from tests.workers.workers_testlib import JPEG, PNG
 from workers.fetch import (
     TRANSIENT_REASONS,
     FetchError,

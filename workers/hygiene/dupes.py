@@ -21,8 +21,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageChops
-
 from events.item import CatalogItem, ItemFailure
 from vision.decode import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from workers.dedup import NEAR_DUP_MAX_BITS, dhash64, md5_hex, trim_background
