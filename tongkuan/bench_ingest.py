@@ -103,6 +103,38 @@ def ceiling(objects: Path, keys: list[str], batch_size: int, ort_threads: int) -
             "model_id": pipe.model_id, "batch_size": batch_size}
 
 
+def pipeline_in_process(objects: Path, keys: list[str], batch_size: int, ort_threads: int) -> dict:
+    """The catalog pipeline alone (fetch, decode, hash, embed, twin check, upsert), in this process,
+    without broker, dispatcher or Celery: splits the gap to the ceiling into pipeline work and
+    distribution overhead."""
+    from events.item import CatalogItem
+    from index.edge import EdgeIndex
+    from tongkuan.settings import Settings
+    from vision.runtime import VisionPipeline
+    from workers.fetch import ImageFetcher
+    from workers.pipeline import ingest_items
+
+    pipe = VisionPipeline.from_settings(Settings(ort_threads=ort_threads))
+    items = [CatalogItem(item_id=f"p-{i}", title=f"p {i}", category_path=("Bags",), image=k)
+             for i, k in enumerate(keys)]
+    with tempfile.TemporaryDirectory(prefix="tongkuan-bench-pipe-") as d:
+        index = EdgeIndex(d, pipe.dim, model_id=pipe.model_id)
+        fetcher = ImageFetcher(object_root=objects)
+        ingest_items(items[:batch_size], index=index, embedder=pipe, fetcher=fetcher)  # warm-up
+        stages: dict[str, float] = {}
+        t0 = time.perf_counter()
+        for i in range(batch_size, len(items), batch_size):
+            rep = ingest_items(items[i : i + batch_size], index=index, embedder=pipe, fetcher=fetcher,
+                               batch_size=batch_size)
+            for k, v in rep.stage_seconds.items():
+                stages[k] = stages.get(k, 0.0) + v
+        dt = time.perf_counter() - t0
+        index.close()
+    n = len(items) - batch_size
+    return {"items": n, "items_per_s": round(n / dt, 2),
+            "stage_seconds": {k: round(v, 3) for k, v in sorted(stages.items())}}
+
+
 def run(args: argparse.Namespace) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="tongkuan-bench-ingest-"))
     cfg = StackConfig(redis_db=args.redis_db, max_batch=args.max_batch, task_chunk=args.max_batch,
@@ -118,6 +150,11 @@ def run(args: argparse.Namespace) -> dict:
         log(f"(i) model-only ceiling on {len(bench_keys)} pictures")
         report["ceiling"] = ceil = ceiling(stack.objects, bench_keys, args.batch_size, args.ort_threads)
         log(f"  {ceil['images_per_s']} images/s")
+        log("    the catalog pipeline in process (no broker/dispatcher/Celery) on the same pictures")
+        report["pipeline_in_process"] = pipe = pipeline_in_process(stack.objects, bench_keys, args.batch_size,
+                                                                  args.ort_threads)
+        pipe["ratio_to_ceiling"] = round(pipe["items_per_s"] / ceil["images_per_s"], 3)
+        log(f"  {pipe['items_per_s']} items/s, ratio {pipe['ratio_to_ceiling']}; stages {pipe['stage_seconds']}")
 
         stack.start()
         outbox = Outbox(stack.broker.bootstrap)
@@ -237,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     c, s, lh = report["ceiling"], report["sustained"], report["latency_half_rate"]
     rows = [
         ("model-only ceiling", f"{c['images_per_s']} images/s", ""),
+        ("pipeline in process (no broker)", f"{report['pipeline_in_process']['items_per_s']} items/s",
+         f"ratio {report['pipeline_in_process']['ratio_to_ceiling']}"),
         ("sustained ingest (end to end)", f"{s['items_per_s']} items/s", f"ratio {s['ratio_to_ceiling']} (goal >= 0.9)"),
         ("sustained ingest (steady 20-90%)", f"{s['steady_items_per_s']} items/s", f"ratio {s['steady_ratio_to_ceiling']}"),
         (f"latency at {lh['rate_per_s']}/s p50", f"{lh['p50_s']} s", ""),
