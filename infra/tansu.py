@@ -31,6 +31,7 @@ from pathlib import Path
 
 from events.kafka import KafkaSettings, create_topics
 from events.topics import CATALOG_ITEMS, CATALOG_ITEMS_DLQ
+from infra.stack import pid_alive as _pid_alive  # zombies of ours count as gone
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_STATE_DIR = REPO_ROOT / "var" / "tansu"
@@ -169,14 +170,6 @@ class TansuBroker:
 # CLI for make up / make down
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _read_state(state_dir: Path) -> tuple[int, int] | None:

@@ -226,42 +226,25 @@ def write_dupes_report(report: dict, out_dir: Path, name: str = "dupes") -> list
                 "image",
             ]
         )
-        for k, g in enumerate(report["exact_groups"]):
-            for m in g["members"]:
-                w.writerow(
-                    [
-                        "exact",
-                        k,
-                        g["size"],
-                        g["cross_category"],
-                        m["id"] == g["keep"],
-                        m["id"],
-                        m["title"],
-                        m["category"],
-                        m["md5"],
-                        m["dhash"],
-                        0,
-                        m["image"],
-                    ]
-                )
-        for k, g in enumerate(report["near_groups"]):
-            for m in g["members"]:
-                w.writerow(
-                    [
-                        "near",
-                        k,
-                        g["size"],
-                        g["cross_category"],
-                        m["id"] == g["keep"],
-                        m["id"],
-                        m["title"],
-                        m["category"],
-                        m["md5"],
-                        m["dhash"],
-                        m["bits_to_keep"],
-                        m["image"],
-                    ]
-                )
+        for kind, key in (("exact", "exact_groups"), ("near", "near_groups")):
+            for k, g in enumerate(report[key]):
+                for m in g["members"]:
+                    w.writerow(
+                        [
+                            kind,
+                            k,
+                            g["size"],
+                            g["cross_category"],
+                            m["id"] == g["keep"],
+                            m["id"],
+                            m["title"],
+                            m["category"],
+                            m["md5"],
+                            m["dhash"],
+                            m.get("bits_to_keep", 0) if kind == "near" else 0,
+                            m["image"],
+                        ]
+                    )
         for b in report.get("bad", []):
             w.writerow(["bad", "", "", "", "", b["id"], "", "", "", "", "", f"{b['reason']}: {b['detail']}"])
     s = report["summary"]
