@@ -29,13 +29,19 @@ def default_providers() -> list[str]:
 
 
 class OnnxEmbedder:
-    def __init__(self, path: str | Path, *, threads: int = 0, providers: list[str] | None = None):
+    def __init__(
+        self, path: str | Path, *, threads: int = 0, providers: list[str] | None = None, spinning: bool = True
+    ):
         import onnxruntime as ort
 
         so = ort.SessionOptions()
         if threads:
             so.intra_op_num_threads = threads
             so.inter_op_num_threads = 1
+        if not spinning:
+            # Idle intra-op threads sleep instead of busy-waiting: on a CPU shared with the broker,
+            # dispatcher and Redis (the ingest worker), spinning threads steal the cores they wait for.
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.path = Path(path)
         self.session = ort.InferenceSession(str(path), so, providers=providers or default_providers())

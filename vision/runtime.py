@@ -98,16 +98,23 @@ class VisionPipeline:
     # -- construction ----------------------------------------------------------------------------
     @classmethod
     def from_registry(
-        cls, model_dir: str | Path, name: str = "", *, threads: int = 0, localizer: Localizer | None = None
+        cls,
+        model_dir: str | Path,
+        name: str = "",
+        *,
+        threads: int = 0,
+        localizer: Localizer | None = None,
+        spinning: bool = True,
     ) -> VisionPipeline:
         entry, path = ModelRegistry(model_dir).resolve(name)
-        return cls(entry, OnnxEmbedder(path, threads=threads), localizer)
+        return cls(entry, OnnxEmbedder(path, threads=threads, spinning=spinning), localizer)
 
     @classmethod
     def from_settings(cls, settings, *, localizer: Localizer | None = None) -> VisionPipeline:
         """``settings``: ``tongkuan.settings.Settings`` (model_dir, model, ort_threads)."""
         return cls.from_registry(
-            settings.model_dir, settings.model, threads=settings.ort_threads, localizer=localizer
+            settings.model_dir, settings.model, threads=settings.ort_threads, localizer=localizer,
+            spinning=settings.ort_spinning,
         )
 
     @property

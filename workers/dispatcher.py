@@ -399,7 +399,7 @@ class Dispatcher:
                     grace_deadline = grace_deadline or now + s.shutdown_grace_s
                     if now > grace_deadline:
                         return "shutdown: in-flight batch abandoned, not committed"
-                self.consumer.poll(1, timeout=0.02)  # paused: keeps the group membership
+                self.consumer.poll(1, timeout=0.05)  # paused: keeps the group membership
             for h in handles:
                 try:
                     result = h.get(timeout=1.0)
