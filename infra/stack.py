@@ -147,7 +147,9 @@ def services(a: argparse.Namespace, bootstrap: str, hook_secret: str) -> list[Se
         Service("api",
                 [py, "-m", "uvicorn", "--factory", api_app(), "--host", "127.0.0.1", "--port", str(a.api_port)],
                 f"http://127.0.0.1:{a.api_port}/healthz",
-                {**common, "TONGKUAN_HOOK_SECRET": hook_secret, "TONGKUAN_ENVIRONMENT": "development"}),
+                {**common, "TONGKUAN_HOOK_SECRET": hook_secret, "TONGKUAN_ENVIRONMENT": "development",
+                 # The embedded index belongs to the worker (one process per Edge index).
+                 "TONGKUAN_SERVE_SEARCH": "false"}),
     ]
 
 

@@ -41,8 +41,8 @@ def create_app(
     @asynccontextmanager
     async def lifespan(a: FastAPI):
         holder = None
-        if a.state.searcher is None:
-            s = settings or Settings()
+        s = settings or Settings()
+        if a.state.searcher is None and s.serve_search:
             holder = _open_serving(s)
             a.dependency_overrides[get_searcher] = _generation_searcher(holder, s)
         try:

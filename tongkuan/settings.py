@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     index_hnsw_ef: int = Field(default=128, ge=8)
     index_quantization: Literal["none", "int8", "binary"] = "none"
 
+    # Whether the API process serves search (opens the index). The embedded Edge index is owned by
+    # one process: in the local stack the ingest worker owns it and the API serves the hook only.
+    serve_search: bool = True
+
     # Ingest.
     ingest_batch_size: int = Field(default=32, ge=1, le=1024)
 

@@ -70,3 +70,14 @@ def test_similar_items_and_unknown_id(client):
 def test_metrics_and_health(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/metrics").status_code == 200
+
+
+def test_search_off_answers_503(tmp_path):
+    from tongkuan.settings import Settings
+
+    app = create_app(producer=InMemoryBus().producer(), hook_settings=HookSettings(hook_secret="x" * 40),
+                     settings=Settings(data_dir=tmp_path, serve_search=False))
+    with TestClient(app) as c:
+        r = c.post("/v1/search", content=b"\xff\xd8\xff")
+        assert r.status_code == 503 and "not served by this process" in r.text
+        assert c.get("/healthz").status_code == 200
