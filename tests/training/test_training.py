@@ -210,3 +210,11 @@ def test_shipped_model_onnx(grocery):
         check = check_against_torch(model, path, [q.path for q in queries], entry.preprocessing)
         assert check["min_cosine"] >= 0.999
     assert json.dumps(entry.to_dict())  # serialisable
+
+
+def test_select_option_defaults_to_photo_to_catalog():
+    from vision.training.train import build_parser
+
+    ap = build_parser()
+    assert ap.parse_args(["--data", "x"]).select == "p2c"
+    assert ap.parse_args(["--data", "x", "--select", "p2c+p2p+coarse"]).select == "p2c+p2p+coarse"

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from vision.preprocess import Preprocess
-from vision.training.data import PKSampler, TrainSet, parse_class_spec, read_classes, read_split
 from vision.training.cached import cache_clean, cache_views, embed_cached, feature_augment
+from vision.training.data import PKSampler, TrainSet, parse_class_spec, read_classes, read_split
 from vision.training.evaluate import embed_paths, metrics_from_embeddings, torch_embed_fn
 from vision.training.losses import MarginSoftmax, batch_hard_triplet
 from vision.training.model import EmbeddingNet
@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--weight-decay", type=float, default=1e-4)
     ap.add_argument("--p-synth", type=float, default=0.75, help="P(catalog image is pasted on a shop background)")
     ap.add_argument("--eval-every", type=int, default=2, help="epochs between val evaluations")
+    ap.add_argument("--select", choices=("p2c", "p2c+p2p", "p2c+p2p+coarse"), default="p2c",
+                    help="checkpoint selection score on val: photo→catalog R@1 (+ photo→photo R@1 against "
+                    "the train-photo gallery, + fused coarse accuracy); p2p needs the gallery embedded at "
+                    "every evaluation (cheap in cached mode)")
     ap.add_argument("--max-batches", type=int, default=0, help="stop an epoch after this many (smoke tests)")
     ap.add_argument("--skip-final-eval", action="store_true", help="smoke tests: no full val/gallery evaluation")
     ap.add_argument("--no-export", action="store_true")
@@ -116,7 +120,7 @@ def plot(log: dict, path: Path) -> None:
     for key in ("photo2catalog_r1", "photo2catalog_r5", "coarse_head_acc", "photo2photo_r1"):
         pts = [(e["epoch"], e[key]) for e in ev if key in e]
         if pts:
-            ax[1].plot(*zip(*pts), marker="o", label=key)
+            ax[1].plot(*zip(*pts, strict=False), marker="o", label=key)
     ax[1].set_xlabel("epoch"); ax[1].set_ylim(0, 1.02); ax[1].set_title(f"val ({log['args']['val_split']})")
     ax[1].legend(); ax[1].grid(alpha=0.3)
     fig.suptitle(log["name"])
@@ -193,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             return f
 
         val_all_feats = clean(f"{args.val_split}", [s.path for s in val])
+        train_feats = clean(args.train_split, [s.path for s in train_all]) if args.select != "p2c" else None
         val_feats = val_all_feats[torch.from_numpy(np.isin([s.fine_id for s in val], sorted(keep)))]
         cat_feats = clean("catalog", [c.iconic for c in classes])
         timings["cache_eval_s"] = round(time.time() - t0, 1)
@@ -265,9 +270,15 @@ def main(argv: list[str] | None = None) -> int:
         if mode == "cached" and not full:
             qe, ql = embed_cached(model, val_feats, device)
             ce, _ = embed_cached(model, cat_feats, device)
+            ge = g_lab = g_coarse = None
+            if train_feats is not None:
+                ge, _ = embed_cached(model, train_feats, device)
+                g_lab = np.array([s.fine_id for s in train_all])
+                g_coarse = np.array([s.coarse_id for s in train_all])
             m = metrics_from_embeddings(qe, np.array([s.fine_id for s in val_seen]),
                                         np.array([s.coarse_id for s in val_seen]), ql,
-                                        ce, np.array([c.fine_id for c in classes]), n_cls_coarse)
+                                        ce, np.array([c.fine_id for c in classes]), n_cls_coarse,
+                                        ge, g_lab, g_coarse)
             m["epoch"], m["eval_s"] = epoch, round(time.time() - t, 1)
             return m
         ge = g_lab = g_coarse = None
@@ -348,8 +359,14 @@ def main(argv: list[str] | None = None) -> int:
             m = run_eval(epoch)
             log["evals"].append(m)
             print(f"  val: photo→catalog R@1 {m['photo2catalog_r1']:.3f} R@5 {m['photo2catalog_r5']:.3f} "
-                  f"coarse head {m.get('coarse_head_acc', float('nan')):.3f} ({m['eval_s']}s)", flush=True)
+                  f"coarse head {m.get('coarse_head_acc', float('nan')):.3f} photo→photo R@1 "
+                  f"{m.get('photo2photo_r1', float('nan')):.3f} coarse fused "
+                  f"{m.get('coarse_fused_acc', float('nan')):.3f} ({m['eval_s']}s)", flush=True)
             score = m["photo2catalog_r1"] + 0.01 * m["photo2catalog_r5"]
+            if args.select != "p2c":
+                score += m.get("photo2photo_r1", 0.0)
+            if args.select == "p2c+p2p+coarse":
+                score += m.get("coarse_fused_acc", 0.0)
             if score >= best["score"]:
                 best = {"score": score, "epoch": epoch}
                 torch.save({"model": model.state_dict(), "margin_head": head.state_dict(), "args": vars(args), "epoch": epoch,
