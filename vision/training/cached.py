@@ -43,7 +43,9 @@ def cache_views(model, ds: TrainSet, views: int, iconic_views: int, seed: int, d
         it = tqdm(loader, desc="cache views", unit="batch", mininterval=10.0)
     for x, y, yc, ic in it:
         feats.append(model.frozen_forward(x.to(device)).to("cpu", torch.float16))
-        fine.append(y); coarse.append(yc); iconic.append(ic)
+        fine.append(y)
+        coarse.append(yc)
+        iconic.append(ic)
     return {"feats": torch.cat(feats), "fine": torch.cat(fine), "coarse": torch.cat(coarse),
             "iconic": torch.cat(iconic).bool()}
 
@@ -69,7 +71,8 @@ def embed_cached(model, feats: torch.Tensor, device: torch.device, batch: int = 
     es, cs = [], []
     for j in range(0, len(feats), batch):
         e, c = model.head_forward(feats[j:j + batch].to(device, torch.float32))
-        es.append(e.float().cpu().numpy()); cs.append(c.float().cpu().numpy())
+        es.append(e.float().cpu().numpy())
+        cs.append(c.float().cpu().numpy())
     model.train(was)
     return np.concatenate(es), np.concatenate(cs)
 

@@ -4,7 +4,8 @@
         [--exclude-classes 41-80] [--epochs N] [--out NAME] [--seed S] [--device auto]
 
 Loss: CosFace (or ArcFace) over product ids + batch-hard triplet + coarse-category cross-entropy on a
-linear head. P×K class-balanced batches; each class in a batch gets its catalog (iconic) image, most
+linear head. P×K class-balanced batches
+each class in a batch gets its catalog (iconic) image, most
 of the time pasted onto a background cut from another class's shop photo. Selection on val
 (photo→catalog R@1 of the trained classes), never training on it. Writes ``reports/train-<out>.json``
 and ``reports/train-<out>.png``, the best weights to ``var/training/<out>/best.pt``, and (unless
@@ -115,14 +116,19 @@ def plot(log: dict, path: Path) -> None:
     x = [e["epoch"] for e in ep]
     for key in ("loss", "margin_loss", "triplet_loss", "coarse_loss"):
         ax[0].plot(x, [e[key] for e in ep], label=key)
-    ax[0].set_xlabel("epoch"); ax[0].set_title("training loss"); ax[0].legend()
+    ax[0].set_xlabel("epoch")
+    ax[0].set_title("training loss")
+    ax[0].legend()
     ev = log["evals"]
     for key in ("photo2catalog_r1", "photo2catalog_r5", "coarse_head_acc", "photo2photo_r1"):
         pts = [(e["epoch"], e[key]) for e in ev if key in e]
         if pts:
             ax[1].plot(*zip(*pts, strict=False), marker="o", label=key)
-    ax[1].set_xlabel("epoch"); ax[1].set_ylim(0, 1.02); ax[1].set_title(f"val ({log['args']['val_split']})")
-    ax[1].legend(); ax[1].grid(alpha=0.3)
+    ax[1].set_xlabel("epoch")
+    ax[1].set_ylim(0, 1.02)
+    ax[1].set_title(f"val ({log['args']['val_split']})")
+    ax[1].legend()
+    ax[1].grid(alpha=0.3)
     fig.suptitle(log["name"])
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -252,8 +258,10 @@ def main(argv: list[str] | None = None) -> int:
     total_steps = steps_per_epoch * args.epochs
     warmup = max(1, int(0.06 * total_steps))
     name = args.out
-    reports = Path(args.reports); reports.mkdir(parents=True, exist_ok=True)
-    var = Path(args.var) / name; var.mkdir(parents=True, exist_ok=True)
+    reports = Path(args.reports)
+    reports.mkdir(parents=True, exist_ok=True)
+    var = Path(args.var) / name
+    var.mkdir(parents=True, exist_ok=True)
     log: dict = {
         "name": name, "args": vars(args), "device": str(device), "torch": torch.__version__,
         "platform": platform.platform(), "cpu_count": os.cpu_count(), "threads": args.threads,
@@ -344,7 +352,9 @@ def main(argv: list[str] | None = None) -> int:
             for k, v in (("loss", loss), ("margin_loss", l_m), ("triplet_loss", l_t), ("coarse_loss", l_c)):
                 sums[k] += float(v.detach())
             sums["train_acc"] += acc
-            nb += 1; step += 1; n_imgs += len(y)
+            nb += 1
+            step += 1
+            n_imgs += len(y)
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}", acc=f"{acc:.2f}", lr=f"{args.lr * f:.1e}")
         bar.close()
         dt = time.time() - t_ep
