@@ -4,8 +4,7 @@
         [--exclude-classes 41-80] [--epochs N] [--out NAME] [--seed S] [--device auto]
 
 Loss: CosFace (or ArcFace) over product ids + batch-hard triplet + coarse-category cross-entropy on a
-linear head. P×K class-balanced batches
-each class in a batch gets its catalog (iconic) image, most
+linear head. P×K class-balanced batches; each class in a batch gets its catalog (iconic) image, most
 of the time pasted onto a background cut from another class's shop photo. Selection on val
 (photo→catalog R@1 of the trained classes), never training on it. Writes ``reports/train-<out>.json``
 and ``reports/train-<out>.png``, the best weights to ``var/training/<out>/best.pt``, and (unless
