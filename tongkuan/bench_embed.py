@@ -184,6 +184,7 @@ def bench_model(name: str, settings: Settings, args, blobs: list[bytes], batches
     import tempfile
 
     pipe = VisionPipeline.from_settings(settings.model_copy(update={"model": name}))
+    regions = args.max_regions or (2 if pipe.crops_queries else 1)
     log(f"model {pipe.model_id} ({pipe.embedder.providers[0]}), data {args.data}")
     images = [decode_image(b) for b in blobs[: args.images]]
     log(f"throughput on {len(images)} images")
@@ -192,12 +193,12 @@ def bench_model(name: str, settings: Settings, args, blobs: list[bytes], batches
     with tempfile.TemporaryDirectory(prefix="tongkuan-bench-") as work:
         index, searcher = _catalog_searcher(pipe, settings, args.data, Path(work))
         extra = {"search": lambda q: searcher.search_vectors(q.vectors[:2], limit=10)}
-        log(f"latency: {args.queries} single queries (max_regions={args.max_regions}), "
+        log(f"latency: {args.queries} single queries (max_regions={regions}), "
             f"search over {index.count()} catalog items")
-        query_stages(pipe, blobs[0], max_regions=args.max_regions, extra=extra)  # warm-up
+        query_stages(pipe, blobs[0], max_regions=regions, extra=extra)  # warm-up
         samples = []
         for i, data in enumerate(blobs[: args.queries]):
-            samples.append(query_stages(pipe, data, max_regions=args.max_regions, extra=extra))
+            samples.append(query_stages(pipe, data, max_regions=regions, extra=extra))
             if (i + 1) % 25 == 0:
                 log(f"  {i + 1}/{args.queries}")
         index.close()
@@ -210,6 +211,7 @@ def bench_model(name: str, settings: Settings, args, blobs: list[bytes], batches
         "dim": pipe.dim,
         "throughput": rows,
         "latency": summarize(samples),
+        "max_regions": regions,
         "samples": samples,
     }
 
@@ -222,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=64, help="images for the throughput runs")
     ap.add_argument("--queries", type=int, default=100, help="single queries for the latency run")
     ap.add_argument("--batches", default="1,32")
-    ap.add_argument("--max-regions", type=int, default=3)
+    ap.add_argument("--max-regions", type=int, default=0,
+                    help="regions per query (default: as the Searcher asks: 1, or 2 when the model crops)")
     ap.add_argument("--models", default="", help="comma-separated registry names (default: ImageNet + active)")
     ap.add_argument("--threads", type=int, default=None, help="ORT/torch threads (default: settings)")
     ap.add_argument("--out", type=Path, default=Path("reports/bench-embed.json"))
@@ -245,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'engine':<16} {'what':<14} {'batch':>5} {'images/s':>9}")
         for r in res["throughput"]:
             print(f"{r['engine']:<16} {r['what']:<14} {r['batch']:>5} {r['images_per_s']:>9.1f}")
-        print(f"single-query latency ({args.queries} queries, max_regions={args.max_regions})")
+        print(f"single-query latency ({args.queries} queries, max_regions={res['max_regions']})")
         print(f"{'stage':<10} {'median ms':>9} {'p95 ms':>8}")
         for k, v in res["latency"].items():
             print(f"{k:<10} {v['median_ms']:>9.2f} {v['p95_ms']:>8.2f}")
@@ -259,7 +262,6 @@ def main(argv: list[str] | None = None) -> int:
         "threads": settings.ort_threads,
         "machine": {"platform": platform.platform(), "python": platform.python_version()},
         "data": str(args.data),
-        "max_regions": args.max_regions,
         "models": results,
     }
     args.out.write_text(json.dumps(report, indent=1) + "\n")
