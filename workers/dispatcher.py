@@ -1,6 +1,6 @@
 """Dispatcher: ``catalog.items`` (Kafka) → batched Celery tasks, committing only what is done.
 
-One batch at a time, in a single thread:
+A pipeline of up to ``max_in_flight`` batches, in a single thread:
 
 1. **Gather**: poll up to ``max_batch`` records, waiting at most ``max_wait_ms`` after the first.
 2. **Parse**: a record that is not JSON, has an unknown ``schema_version`` or is not a valid event is
@@ -10,14 +10,18 @@ One batch at a time, in a single thread:
    feature updates for one item the latest ``event_time`` wins (counters are snapshots).
 4. **Send** the events as ``tongkuan.apply_catalog_events`` tasks (one list of event dicts each,
    ``task_chunk`` events per task). After coalescing an item appears once per batch, so the chunks
-   of one batch may run in parallel without reordering an item's events; the next batch is sent only
-   when this one is done, so per-item order across batches holds too.
-5. **Wait** (consumer paused but polled, to stay in the group) until every task succeeded; a task's
-   own dead letters count as done. A failed or timed-out task fails the batch: the consumer seeks
-   back to the batch's first offsets and the same records are re-fetched and re-sent after a backoff
-   — a batch is never skipped. Tasks are idempotent (point ids from item ids, version-guarded
-   writes), so re-sending is harmless.
-6. **Commit** the next offset per partition, after the DLQ publishes are flushed.
+   of one batch may run in parallel without reordering an item's events. A batch is sent while
+   older ones are still in flight only if it shares no item with them (otherwise it waits), so an
+   item has one writer at a time and per-item order across batches holds.
+5. **Complete** batches oldest first (consumer paused but polled while the pipeline is full, to
+   stay in the group): when every task of the oldest batch succeeded (a task's own dead letters
+   count as done) its offsets are committed. A failed or timed-out task fails the pipeline: the
+   consumer seeks back to the oldest uncommitted batch's first offsets, younger in-flight batches
+   are dropped, and the same records are re-fetched and re-sent after a backoff — a batch is never
+   skipped. Tasks are idempotent (point ids from item ids, version-guarded writes), so re-sending
+   (also of a dropped batch whose tasks ran anyway) is harmless.
+6. **Commit** the next offset per partition, after the DLQ publishes are flushed; batches complete
+   in log order, so a commit never passes an unfinished batch.
 
 Delivery is at least once: a crash between 4 and 6 re-sends the batch after restart.
 
@@ -40,6 +44,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Protocol
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -69,6 +74,10 @@ class DispatcherSettings(BaseSettings):
     max_wait_ms: int = Field(default=200, ge=0)
     # Events per Celery task; a batch becomes ceil(events / task_chunk) tasks run in parallel.
     task_chunk: int = Field(default=64, ge=1)
+    # Batches whose tasks may be queued or running at once. 2 keeps the worker busy while the
+    # dispatcher commits one batch and gathers the next (make bench-ingest); an item is never in
+    # two in-flight batches (a batch touching an in-flight item waits), so one writer per item.
+    max_in_flight: int = Field(default=2, ge=1, le=16)
     # A task not done by then fails its batch (re-sent). Must exceed a worker's longest batch,
     # including its own retries, or work is duplicated (harmless but wasted).
     task_timeout_s: float = Field(default=300.0, gt=0)
@@ -235,6 +244,17 @@ class BatchResult:
     error: str | None = None
 
 
+@dataclass
+class _Batch:
+    records: list[Record]
+    events: list[dict[str, Any]]
+    dead: dict[str, int]
+    items: frozenset[str]
+    handles: list[Any] = field(default_factory=list)
+    gathered_at: float = field(default_factory=time.monotonic)
+    sent_at: float = 0.0
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -255,6 +275,8 @@ class Dispatcher:
         self._dead_lettered: set[tuple[TopicPartition, int]] = set()
         self._committed: dict[TopicPartition, int] = {}
         self._sleep = sleep
+        self._inflight: list[_Batch] = []  # sent, oldest first
+        self._pending: _Batch | None = None  # gathered, waiting for an in-flight item to finish
 
     # -- public -----------------------------------------------------------------------------------
 
@@ -266,7 +288,9 @@ class Dispatcher:
         while not self.stop_event.is_set():
             result = self.step()
             if result is None:
-                if idle_timeout is not None and time.monotonic() - idle_since > idle_timeout:
+                if self._inflight or self._pending is not None:
+                    idle_since = time.monotonic()
+                elif idle_timeout is not None and time.monotonic() - idle_since > idle_timeout:
                     return
                 continue
             idle_since = time.monotonic()
@@ -274,6 +298,7 @@ class Dispatcher:
                 done += 1
                 if max_batches is not None and done >= max_batches:
                     return
+        self._drain()
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -281,7 +306,7 @@ class Dispatcher:
     def install_signal_handlers(self) -> None:
         def handler(signum: int, _frame: object) -> None:
             log.info(
-                "signal %d: stopping after the in-flight batch (grace %.1fs)",
+                "signal %d: stopping after the in-flight batches (grace %.1fs)",
                 signum,
                 self.settings.shutdown_grace_s,
             )
@@ -291,22 +316,22 @@ class Dispatcher:
         signal.signal(signal.SIGINT, handler)
 
     def step(self) -> BatchResult | None:
-        """Gather, dispatch and commit one batch. None if no record arrived."""
-        records = self._gather()
-        if not records:
-            return None
-        t0 = time.perf_counter()
-        result = self._process(records)
-        if result.ok:
-            BATCH_SECONDS.observe(time.perf_counter() - t0)
-            self._backoff = self.settings.retry_backoff_s
-        else:
-            self._rewind(records)
-            BATCH_RETRIES.inc()
-            if not self.stop_event.is_set():
-                self._keepalive(self._backoff)
-                self._backoff = min(self._backoff * 2, self.settings.retry_backoff_max_s)
-        return result
+        """Advance the pipeline by one move: complete the oldest in-flight batch if its tasks are
+        done, else start (gather and send) a batch if there is room, else wait a tick. Returns the
+        result of a batch that completed or failed, None otherwise."""
+        if self._inflight:
+            result = self._try_complete()
+            if result is not None:
+                return result
+        if len(self._inflight) < self.settings.max_in_flight and not self.stop_event.is_set():
+            started = self._start()
+            if started is not None:
+                return started
+            if self._inflight and self._pending is None:
+                return None  # a batch went out; check the older ones next
+        if self._inflight:
+            self._tick()
+        return None
 
     # -- steps ------------------------------------------------------------------------------------
 
@@ -323,7 +348,8 @@ class Dispatcher:
         self._update_lag(records)
         return records
 
-    def _process(self, records: list[Record]) -> BatchResult:
+    def _prepare(self, records: list[Record]) -> _Batch | BatchResult:
+        """Parse, dead-letter the invalid records (flushed), coalesce."""
         s = self.settings
         events: list[CatalogEvent] = []
         dead: dict[str, int] = {}
@@ -346,17 +372,61 @@ class Dispatcher:
             log.warning("DLQ publish failed, batch will be retried: %s", e)
             self._dead_lettered.difference_update((r.tp, r.offset) for r in records)
             return BatchResult(len(records), 0, dead, ok=False, error=f"dlq: {e}")
-
         batch = coalesce(events)
         COALESCED.inc(len(events) - len(batch))
         BATCH_RECORDS.observe(len(records))
         BATCH_EVENTS.observe(len(batch))
-        if batch:
-            error = self._run_tasks([ev.model_dump(mode="json") for ev in batch])
-            if error is not None:
-                return BatchResult(len(records), len(batch), dead, ok=False, error=error)
+        return _Batch(records, [ev.model_dump(mode="json") for ev in batch], dead,
+                      frozenset(ev.item_id for ev in batch))
+
+    def _start(self) -> BatchResult | None:
+        """Gather a batch (unless one waits already) and send it when no in-flight batch shares an
+        item with it. A failure here fails the pipeline (see ``_fail``)."""
+        if self._pending is None:
+            records = self._gather()
+            if not records:
+                return None
+            prepared = self._prepare(records)
+            if isinstance(prepared, BatchResult):
+                return self._fail(prepared, extra=records)
+            self._pending = prepared
+        batch = self._pending
+        if any(batch.items & b.items for b in self._inflight):
+            return None  # one writer per item: wait until the older batch is done
+        s = self.settings
+        chunks = [batch.events[i : i + s.task_chunk] for i in range(0, len(batch.events), s.task_chunk)]
+        try:
+            batch.handles = [self.sender.send(chunk) for chunk in chunks]
+        except Exception as e:  # noqa: BLE001 - the task broker is down: retry the batch
+            TASK_FAILURES.labels("send").inc()
+            return self._fail(BatchResult(len(batch.records), len(batch.events), batch.dead, ok=False,
+                                          error=f"send: {e!r}"))
+        batch.sent_at = time.monotonic()
+        self._pending = None
+        self._inflight.append(batch)
+        return None
+
+    def _try_complete(self) -> BatchResult | None:
+        """Commit the oldest in-flight batch if all its tasks succeeded; fail on error/timeout."""
+        s = self.settings
+        batch = self._inflight[0]
+        fail = partial(BatchResult, len(batch.records), len(batch.events), batch.dead, ok=False)
+        if not all(h.ready() for h in batch.handles):
+            if time.monotonic() - batch.sent_at > s.task_timeout_s:
+                pending = sum(1 for h in batch.handles if not h.ready())
+                TASK_FAILURES.labels("timeout").inc(pending)
+                return self._fail(fail(error=f"{pending} task(s) not done after {s.task_timeout_s}s"))
+            return None
+        for h in batch.handles:
+            try:
+                result = h.get(timeout=1.0)
+            except Exception as e:  # noqa: BLE001 - the task raised: the batch is retried
+                TASK_FAILURES.labels("error").inc()
+                return self._fail(fail(error=f"task failed: {e!r}"))
+            for dl in (result or {}).get("dead_lettered", []) if isinstance(result, dict) else []:
+                DEAD_LETTERS.labels(str(dl.get("reason", "unknown")), "task").inc()
         offsets: dict[TopicPartition, int] = {}
-        for rec in records:
+        for rec in batch.records:
             offsets[rec.tp] = max(offsets.get(rec.tp, 0), rec.offset + 1)
         t0 = time.perf_counter()
         try:
@@ -364,53 +434,52 @@ class Dispatcher:
         except Exception as e:  # noqa: BLE001 - e.g. CommitFailedError after a rebalance
             COMMITS.labels("failed").inc()
             log.warning("commit failed (partitions revoked?); records will be redelivered: %r", e)
-            return BatchResult(len(records), len(batch), dead, ok=False, error=f"commit: {e!r}")
+            return self._fail(fail(error=f"commit: {e!r}"))
         COMMIT_SECONDS.observe(time.perf_counter() - t0)
         COMMITS.labels("ok").inc()
-        RECORDS_COMMITTED.inc(len(records))
+        RECORDS_COMMITTED.inc(len(batch.records))
+        BATCH_SECONDS.observe(time.monotonic() - batch.gathered_at)
+        self._inflight.pop(0)
         self._committed.update(offsets)
         self._dead_lettered = {(tp, o) for tp, o in self._dead_lettered if o >= self._committed.get(tp, 0)}
         self._update_lag([])
-        return BatchResult(len(records), len(batch), dead, offsets)
+        self._backoff = s.retry_backoff_s
+        return BatchResult(len(batch.records), len(batch.events), batch.dead, offsets)
 
-    def _run_tasks(self, events: list[dict[str, Any]]) -> str | None:
-        """Send the events in chunks and wait for all of them. None on success, else the reason."""
-        s = self.settings
-        chunks = [events[i : i + s.task_chunk] for i in range(0, len(events), s.task_chunk)]
-        try:
-            handles = [self.sender.send(chunk) for chunk in chunks]
-        except Exception as e:  # noqa: BLE001 - the task broker is down: retry the batch
-            TASK_FAILURES.labels("send").inc()
-            return f"send: {e!r}"
-        deadline = time.monotonic() + s.task_timeout_s
-        grace_deadline: float | None = None
-        pending = list(handles)
+    def _fail(self, result: BatchResult, extra: list[Record] | None = None) -> BatchResult:
+        """Rewind to the oldest uncommitted record, drop every in-flight and waiting batch (their
+        records come again; tasks already sent may still run, harmlessly), back off."""
+        records = [r for b in self._inflight for r in b.records] + (extra or [])
+        if self._pending is not None:
+            records += self._pending.records
+        self._inflight.clear()
+        self._pending = None
+        self._rewind(records)
+        BATCH_RETRIES.inc()
+        if not self.stop_event.is_set():
+            self._keepalive(self._backoff)
+            self._backoff = min(self._backoff * 2, self.settings.retry_backoff_max_s)
+        return result
+
+    def _tick(self) -> None:
+        """Wait a little for tasks while staying in the consumer group."""
         self.consumer.pause()
         try:
-            while pending:
-                pending = [h for h in pending if not h.ready()]
-                if not pending:
-                    break
-                now = time.monotonic()
-                if now > deadline:
-                    TASK_FAILURES.labels("timeout").inc(len(pending))
-                    return f"{len(pending)} task(s) not done after {s.task_timeout_s}s"
-                if self.stop_event.is_set():
-                    grace_deadline = grace_deadline or now + s.shutdown_grace_s
-                    if now > grace_deadline:
-                        return "shutdown: in-flight batch abandoned, not committed"
-                self.consumer.poll(1, timeout=0.05)  # paused: keeps the group membership
-            for h in handles:
-                try:
-                    result = h.get(timeout=1.0)
-                except Exception as e:  # noqa: BLE001 - the task raised: the batch is retried
-                    TASK_FAILURES.labels("error").inc()
-                    return f"task failed: {e!r}"
-                for dl in (result or {}).get("dead_lettered", []) if isinstance(result, dict) else []:
-                    DEAD_LETTERS.labels(str(dl.get("reason", "unknown")), "task").inc()
-            return None
+            self.consumer.poll(1, timeout=0.05)  # paused: keeps the group membership
         finally:
             self.consumer.resume()
+
+    def _drain(self) -> None:
+        """On stop: let in-flight batches finish (and commit) within the grace period, then abandon
+        the rest uncommitted: the next dispatcher gets those records again."""
+        self._pending = None
+        deadline = time.monotonic() + self.settings.shutdown_grace_s
+        while self._inflight and time.monotonic() < deadline:
+            if self._try_complete() is None and self._inflight:
+                self._tick()
+        if self._inflight:
+            log.info("shutdown: %d in-flight batch(es) abandoned, not committed", len(self._inflight))
+            self._inflight.clear()
 
     def _rewind(self, records: list[Record]) -> None:
         first: dict[TopicPartition, int] = {}

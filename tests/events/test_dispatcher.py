@@ -15,7 +15,7 @@ import pytest
 from events.bus import DLQ_REASON, TopicPartition
 from events.models import ItemDeleted, ItemFeaturesUpdated, ItemUpserted, event_to_bytes
 from tests.events.conftest import Bus, unique
-from workers.dispatcher import TASK_NAME, CelerySender, Dispatcher, DispatcherSettings, coalesce
+from workers.dispatcher import TASK_NAME, BatchResult, CelerySender, Dispatcher, DispatcherSettings, coalesce
 
 
 def up(item: str, v: int) -> ItemUpserted:
@@ -245,3 +245,64 @@ def test_celery_sender_round_trip_with_redis() -> None:
         if created:
             r.delete(*created)
         r.close()
+
+
+class GatedSender:
+    """Every task stays unfinished until ``release(n)`` finishes the n-th send."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[dict]] = []
+        self.handles: list[Handle] = []
+
+    def send(self, events: list[dict]) -> Handle:
+        self.calls.append(events)
+        self.handles.append(Handle(ready=False))
+        return self.handles[-1]
+
+    def release(self, n: int) -> None:
+        self.handles[n]._ready = True
+
+
+def _steps(d: Dispatcher, n: int) -> list[BatchResult]:
+    out = []
+    for _ in range(n):
+        r = d.step()
+        if r is not None:
+            out.append(r)
+    return out
+
+
+def test_pipeline_sends_the_next_batch_while_one_is_in_flight_and_commits_in_order() -> None:
+    from events.bus import InMemoryBus
+
+    bus = Bus("memory", memory=InMemoryBus())
+    sender = GatedSender()
+    topic, dlq, group, d = make(bus, sender, max_batch=2, max_wait_ms=0, max_in_flight=2)
+    publish(bus, topic, [(i, event_to_bytes(up(i, 1))) for i in ("a", "b", "c", "d", "e", "f")])
+    tp = TopicPartition(topic, 0)
+    assert _steps(d, 6) == []
+    assert [[e["item_id"] for e in c] for c in sender.calls] == [["a", "b"], ["c", "d"]]  # 2 in flight
+    sender.release(1)  # the younger batch finishes first: nothing may be committed past the older one
+    assert _steps(d, 4) == [] and d.consumer.committed(tp) is None
+    sender.release(0)
+    results = _steps(d, 3)
+    assert [r.ok for r in results] == [True, True] and d.consumer.committed(tp) == 4
+    assert [[e["item_id"] for e in c] for c in sender.calls][2] == ["e", "f"]
+
+
+def test_pipeline_holds_a_batch_that_shares_an_item_with_one_in_flight() -> None:
+    from events.bus import InMemoryBus
+
+    bus = Bus("memory", memory=InMemoryBus())
+    sender = GatedSender()
+    topic, dlq, group, d = make(bus, sender, max_batch=2, max_wait_ms=0, max_in_flight=2)
+    publish(bus, topic, [("a", event_to_bytes(up("a", 1))), ("b", event_to_bytes(up("b", 1))),
+                         ("a", event_to_bytes(up("a", 2))), ("c", event_to_bytes(up("c", 1)))])
+    _steps(d, 6)
+    assert len(sender.calls) == 1  # [a2, c] waits: item a is in flight (one writer per item)
+    sender.release(0)
+    _steps(d, 3)
+    assert [(e["item_id"], e["version"]) for e in sender.calls[1]] == [("a", 2), ("c", 1)]
+    sender.release(1)
+    _steps(d, 3)
+    assert d.consumer.committed(TopicPartition(topic, 0)) == 4
