@@ -109,10 +109,15 @@ def cmd_stats(args, settings: Settings) -> int:
 
 
 def cmd_eval(args, settings: Settings) -> int:
+    from tongkuan.datasets import DatasetError
     from tongkuan.evaluate import evaluate, format_table
 
-    metrics = evaluate(args.data, args.split, settings=settings, out_dir=args.out,
-                       progress=not args.quiet, photo_to_photo=not args.no_photo_to_photo)
+    try:
+        metrics = evaluate(args.data, args.split, settings=settings, out_dir=args.out,
+                           progress=not args.quiet, photo_to_photo=not args.no_photo_to_photo)
+    except DatasetError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(format_table(metrics))
     print(f"wrote {Path(args.out) / f'eval-{args.split}.json'} and .png")
     return 0
