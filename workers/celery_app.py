@@ -14,9 +14,10 @@ concurrency, and more worker containers. ``check_pool`` refuses other combinatio
 
 from __future__ import annotations
 
+import importlib
 import logging
 from functools import lru_cache
-from typing import Literal
+from typing import Any, Literal
 
 from celery import Celery, signals
 from pydantic import Field, model_validator
@@ -28,6 +29,15 @@ log = logging.getLogger(__name__)
 
 APPLY_EVENTS_TASK = "tongkuan.apply_catalog_events"
 Pool = Literal["solo", "threads", "prefork"]
+
+
+def load_ref(ref: str) -> Any:
+    """The object a ``"module:attr.attr"`` reference names (the factories in ``WorkerSettings``)."""
+    module, _, attr = ref.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 class WorkerSettings(BaseSettings):

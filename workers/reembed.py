@@ -29,7 +29,6 @@ reach both generations when it restarts).
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import sys
@@ -45,7 +44,7 @@ from events.item import CatalogItem, ItemFailure
 from index.base import IndexBackendError, IndexRecord, VectorIndex
 from index.generations import GenerationError, GenerationManager
 from tongkuan.settings import Settings, get_settings
-from workers.celery_app import app, get_worker_settings
+from workers.celery_app import app, get_worker_settings, load_ref
 from workers.fetch import ImageFetcher
 from workers.pipeline import CatalogEmbedder, IngestReport, delete_items, ingest_items
 
@@ -59,14 +58,6 @@ _lock = threading.Lock()
 _pipelines: dict[str, CatalogEmbedder] = {}
 _pipeline_factory: Callable[[Settings, str], CatalogEmbedder] | None = None
 _fetcher: Any = None
-
-
-def _load(ref: str) -> Any:
-    module, _, attr = ref.partition(":")
-    obj: Any = importlib.import_module(module)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def set_pipeline_factory(factory: Callable[[Settings, str], CatalogEmbedder] | None, fetcher: Any = None) -> None:
@@ -86,7 +77,7 @@ def pipeline_for(settings: Settings, name: str) -> CatalogEmbedder:
             if _pipeline_factory is not None:
                 pipe = _pipeline_factory(settings, name)
             else:
-                pipe = _load(get_worker_settings().embedder_factory)(settings.model_copy(update={"model": name}))
+                pipe = load_ref(get_worker_settings().embedder_factory)(settings.model_copy(update={"model": name}))
             _pipelines[name] = pipe
         return pipe
 

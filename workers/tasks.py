@@ -24,7 +24,6 @@ dispatcher's coalesced batch) and returns::
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import threading
@@ -39,7 +38,14 @@ from events.models import SCHEMA_VERSION, ItemDeleted, ItemFeaturesUpdated, Item
 from index.base import IndexBackendError, VectorIndex
 from tongkuan.settings import Settings, get_settings
 from workers import metrics
-from workers.celery_app import APPLY_EVENTS_TASK, WorkerSettings, app, check_pool, get_worker_settings
+from workers.celery_app import (
+    APPLY_EVENTS_TASK,
+    WorkerSettings,
+    app,
+    check_pool,
+    get_worker_settings,
+    load_ref,
+)
 from workers.fetch import TRANSIENT_REASONS, ImageFetcher
 from workers.pipeline import CatalogEmbedder
 from workers.reembed import delete_from_targets, ingest_to_targets
@@ -98,23 +104,15 @@ _runtime: WorkerRuntime | None = None
 _runtime_lock = threading.Lock()
 
 
-def _load(ref: str) -> Any:
-    module, _, attr = ref.partition(":")
-    obj: Any = importlib.import_module(module)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def build_runtime(settings: Settings | None = None, ws: WorkerSettings | None = None) -> WorkerRuntime:
     settings = settings or get_settings()
     ws = ws or get_worker_settings()
     t0 = time.perf_counter()
-    embedder = _load(ws.embedder_factory)(settings)
+    embedder = load_ref(ws.embedder_factory)(settings)
     providers = getattr(getattr(embedder, "embedder", None), "providers", None)
     log.info("vision runtime %s (dim %d) loaded in %.1fs; ONNX Runtime providers: %s",
              embedder.model_id, embedder.dim, time.perf_counter() - t0, providers or "n/a")
-    index = _load(ws.index_factory)(settings, embedder.dim, model_id=embedder.model_id)
+    index = load_ref(ws.index_factory)(settings, embedder.dim, model_id=embedder.model_id)
     log.info("index backend %s opened for %s", settings.index_backend, embedder.model_id)
     return WorkerRuntime(
         settings=settings,
@@ -157,7 +155,7 @@ class _LazyDeadLetters:
 
     def _get(self) -> DeadLetterPublisher:
         if self._producer is None:
-            self._producer = _load(self._factory)(self._settings, self._ws)
+            self._producer = load_ref(self._factory)(self._settings, self._ws)
         return self._producer
 
     def publish(self, topic, key, value, headers=None):
