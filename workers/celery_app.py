@@ -70,6 +70,8 @@ class WorkerSettings(BaseSettings):
     retry_backoff_max_s: float = Field(default=60.0, gt=0)
 
     # /metrics (prometheus-client). 0 = off. A prefork child serves ``metrics_port + child index``.
+    # Build the index's HNSW graph every N writes (Edge has no background optimizer; 0 = never).
+    optimize_every: int = Field(default=5000, ge=0)
     metrics_port: int = Field(default=9102, ge=0, le=65535)
     metrics_addr: str = "127.0.0.1"
 

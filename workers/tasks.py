@@ -77,6 +77,10 @@ class WorkerRuntime:
     fetcher: ImageFetcher
     dead_letters: DeadLetterPublisher
     dlq_topic: str
+    # Qdrant Edge has no background optimizer: new points are searched by brute force until
+    # ``optimize()`` builds the HNSW graph, so the worker runs it every ``optimize_every`` writes.
+    optimize_every: int = 5000
+    writes_since_optimize: int = 0
 
     def close(self) -> None:
         self.index.close()
@@ -121,6 +125,7 @@ def build_runtime(settings: Settings | None = None, ws: WorkerSettings | None = 
         fetcher=ImageFetcher.from_settings(settings),
         dead_letters=_LazyDeadLetters(ws.dlq_factory, settings, ws),
         dlq_topic=ws.dlq_topic,
+        optimize_every=ws.optimize_every,
     )
 
 
@@ -274,6 +279,13 @@ def apply_events(
 
     _publish_dead_letters(runtime, dead, attempt=attempt)
     out.dead_lettered += [{"item_id": item_id, "reason": reason} for _, item_id, reason, _ in dead]
+
+    runtime.writes_since_optimize += len(out.indexed) + len(out.deleted)
+    if runtime.optimize_every and runtime.writes_since_optimize >= runtime.optimize_every:
+        t0 = time.perf_counter()
+        runtime.index.optimize()
+        metrics.observe_stages({"optimize": time.perf_counter() - t0})
+        runtime.writes_since_optimize = 0
 
     for outcome, n in (("indexed", len(out.indexed)), ("deleted", len(out.deleted)),
                        ("stale", len(out.stale)), ("dead_lettered", len(dead)),

@@ -190,3 +190,17 @@ def test_embedded_index_refuses_multi_process_pools():
     check_pool("qdrant", "prefork", 8)
     with pytest.raises(RuntimeError, match="one process"):
         check_pool("edge", "prefork", 4)
+
+
+def test_worker_builds_the_hnsw_graph_every_n_writes(runtime, monkeypatch):
+    """Edge has no background optimizer: the worker optimizes after ``optimize_every`` writes
+    (deletes count too). A tiny index stays below Edge's indexing threshold, so count the calls."""
+    calls = []
+    real = runtime.index.optimize
+    monkeypatch.setattr(runtime.index, "optimize", lambda: calls.append(1) or real())
+    runtime.optimize_every = 3
+    apply_events([up("a"), up("b")], runtime)
+    assert calls == [] and runtime.writes_since_optimize == 2
+    apply_events([up("c"), delete("a", 2)], runtime)
+    assert calls == [1] and runtime.writes_since_optimize == 0
+    assert runtime.index.count() == 2  # b and c live; a is a tombstone
