@@ -14,10 +14,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-import redis
 
 from events.models import ItemDeleted, ItemUpserted
 from index.factory import open_index
+from tests.workers.conftest import BROKER
 from tests.workers.workers_testlib import FakeEmbedder, image_bytes
 from tongkuan.settings import Settings
 from workers.celery_app import APPLY_EVENTS_TASK, WorkerSettings, create_app
@@ -25,26 +25,12 @@ from workers.celery_app import APPLY_EVENTS_TASK, WorkerSettings, create_app
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-REDIS_DB = 13
-BROKER = f"redis://127.0.0.1:6379/{REDIS_DB}"
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture
-def redis_db():
-    r = redis.Redis.from_url(BROKER, socket_timeout=2, socket_connect_timeout=2)
-    try:
-        r.ping()
-    except redis.exceptions.ConnectionError:
-        pytest.skip("no Redis on 127.0.0.1:6379")
-    yield r
-    r.flushdb()
-    r.close()
 
 
 @pytest.fixture

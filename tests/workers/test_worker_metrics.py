@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import socket
 
-import pytest
-import redis
 from prometheus_client import CollectorRegistry
 
+from tests.workers.conftest import BROKER
 from workers.metrics import QueueDepthCollector
-
-BROKER = "redis://127.0.0.1:6379/13"
 
 
 def samples(collector) -> dict:
@@ -19,21 +16,9 @@ def samples(collector) -> dict:
     return {(s.name, tuple(sorted(s.labels.items()))): s.value for m in reg.collect() for s in m.samples}
 
 
-@pytest.fixture
-def r():
-    client = redis.Redis.from_url(BROKER, socket_timeout=2, socket_connect_timeout=2)
-    try:
-        client.ping()
-    except redis.exceptions.ConnectionError:
-        pytest.skip("no Redis on 127.0.0.1:6379")
-    yield client
-    client.flushdb()
-    client.close()
-
-
-def test_queue_depth_sums_priority_lists(r):
-    r.rpush("q.test", *[b"m"] * 3)
-    r.rpush("q.test\x06\x163", b"m")
+def test_queue_depth_sums_priority_lists(redis_db):
+    redis_db.rpush("q.test", *[b"m"] * 3)
+    redis_db.rpush("q.test\x06\x163", b"m")
     c = QueueDepthCollector(BROKER, ["q.test", "q.empty"])
     got = samples(c)
     c.close()
