@@ -32,9 +32,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import random
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -47,10 +49,18 @@ from tongkuan.drill import REPO_ROOT, Outbox, Stack, StackConfig, _upsert, log, 
 INDEXED = 'tongkuan_ingest_items_total{outcome="indexed"}'
 
 
+_scraper = None
+
+
 def scrape(stack: Stack) -> str:
+    """The worker's /metrics over one kept-alive connection: a new client per poll (TLS context,
+    pool) cost the measuring process ~25 ms of CPU each time, taken from the cores under test."""
+    global _scraper
     import httpx
 
-    return httpx.get(f"http://127.0.0.1:{stack.worker_port}/metrics", timeout=3).text
+    if _scraper is None:
+        _scraper = httpx.Client(timeout=3)
+    return _scraper.get(f"http://127.0.0.1:{stack.worker_port}/metrics").text
 
 
 def indexed_count(stack: Stack) -> float:
@@ -58,6 +68,40 @@ def indexed_count(stack: Stack) -> float:
         if line.startswith(INDEXED):
             return float(line.rsplit(" ", 1)[1])
     return 0.0
+
+
+def metric_sums(stack: Stack) -> dict[str, float]:
+    """The worker's busy time so far: task wall time and per-stage seconds (histogram sums)."""
+    out = {}
+    for line in scrape(stack).splitlines():
+        if line.startswith("tongkuan_ingest_task_seconds_sum"):
+            out["task"] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith("tongkuan_ingest_stage_seconds_sum"):
+            stage = line.split('stage="', 1)[1].split('"', 1)[0]
+            out[f"stage:{stage}"] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU seconds of one process (Linux /proc), 0 if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def stack_pids(stack: Stack) -> dict[str, int]:
+    """The processes that share the CPU during the run: ours, the broker's and Redis's."""
+    pids = {"worker": stack.worker.proc.pid, "dispatcher": stack.dispatcher.proc.pid,
+            "broker (tansu)": stack.broker.proc.pid, "bench (producer, poller)": os.getpid()}
+    try:
+        out = subprocess.run(["pgrep", "-x", "redis-server"], capture_output=True, text=True, timeout=5).stdout
+        if out.split():
+            pids["redis"] = int(out.split()[0])
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return pids
 
 
 def freshness_buckets(stack: Stack) -> dict[str, float]:
@@ -169,6 +213,9 @@ def run(args: argparse.Namespace) -> dict:
             log(f"(ii) sustained: {args.items} upserts published as fast as possible")
             events = [_upsert(f"bench-{i:05d}", 1, f"bench {i}", rng.choice(["Bags", "Shoes", "Toys"]), k)
                       for i, k in enumerate(bench_keys)]
+            pids = stack_pids(stack)
+            cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
+            busy0 = metric_sums(stack)
             t0 = time.monotonic()
             outbox.publish(events)
             t_pub = time.monotonic() - t0
@@ -180,6 +227,21 @@ def run(args: argparse.Namespace) -> dict:
                 return next(t for t, n in samples if n - base >= frac * len(events))
 
             steady = 0.7 * len(events) / max(at(0.9) - at(0.2), 1e-6)
+            wall = t_end - t0
+            cpu = {k: round(cpu_seconds(p) - cpu0[k], 2) for k, p in pids.items()}
+            busy1 = metric_sums(stack)
+            busy = {k: round(v - busy0.get(k, 0.0), 3) for k, v in busy1.items() if v - busy0.get(k, 0.0) > 0}
+            n_cpu = os.cpu_count() or 1
+            # Where the machine's CPU time went while the items went through: a ratio below the
+            # goal is either CPU spent outside the embedding (other processes, pipeline stages) or
+            # idle cores (the worker waiting for work).
+            report["cpu_during_sustained"] = {
+                "wall_s": round(wall, 2), "cores": n_cpu, "cpu_seconds": cpu,
+                "share_of_machine": {k: round(v / (wall * n_cpu), 3) for k, v in cpu.items()},
+                "idle_share": round(max(0.0, 1 - sum(cpu.values()) / (wall * n_cpu)), 3),
+                "worker_busy_s": busy,
+                "worker_busy_share": round(busy.get("task", 0.0) / wall, 3),
+            }
             report["sustained"] = {
                 "published_in_s": round(t_pub, 2), "searchable_in_s": round(t_end - t0, 2),
                 "items_per_s": round(e2e, 2), "steady_items_per_s": round(steady, 2),
@@ -286,6 +348,10 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for r in rows:
         print(f"{r[0]:<34} {r[1]:<18} {r[2]}")
+    cu = report["cpu_during_sustained"]
+    print(f"CPU during the sustained run ({cu['wall_s']} s x {cu['cores']} cores): "
+          + ", ".join(f"{k} {v:.0%}" for k, v in cu["share_of_machine"].items())
+          + f", idle {cu['idle_share']:.0%}; worker busy {cu['worker_busy_share']:.0%} of the wall time")
     print(f"goals: {report['goals']}; report {args.out}, histogram {args.png}")
     return 0
 

@@ -131,3 +131,33 @@ def test_delete_and_stream(tmp_path, index):
     rep = delete_items(["item-0", "unknown"], index=index)
     assert rep.deleted == ["item-0"]
     assert index.count() == 4 and not index.retrieve(["item-0"])
+
+
+def test_chunks_prepared_ahead_keep_each_vector_with_its_item(tmp_path, index):
+    """Batches span several embedding chunks (prepared on a helper thread while the previous chunk
+    is embedded), with failures inside them: every indexed item still carries its own picture's
+    vector, and the embedder only ever saw chunks of at most ``batch_size`` pictures."""
+    seen_sizes = []
+
+    class Recording(ColourEmbedder):
+        def embed_catalog(self, images, batch_size=32):
+            seen_sizes.append(len(images))
+            return super().embed_catalog(images, batch_size)
+
+    colours = [(20 * i, 255 - 20 * i, (70 * i) % 256) for i in range(11)]
+    items = []
+    for i, c in enumerate(colours):
+        path = tmp_path / f"c{i}.jpg"
+        if i in (3, 4, 8):
+            path.write_bytes(b"broken")  # unsupported: fails in its chunk, the rest go on
+        else:
+            _jpeg(path, c)
+        items.append(_item(i, path, cat=("Shop", f"c{i}")))
+    rep = ingest_items(items, index=index, embedder=Recording(), fetcher=ImageFetcher(max_bytes=200_000),
+                       batch_size=3)
+    assert sorted(f.item_id for f in rep.failures) == ["item-3", "item-4", "item-8"]
+    assert len(rep.indexed) == 8 and max(seen_sizes) <= 3 and sum(seen_sizes) == 8
+    for rec in index.retrieve(rep.indexed, with_vectors=True):
+        i = int(rec.item_id.split("-")[1])
+        own = ColourEmbedder().embed_catalog([Image.open(tmp_path / f"c{i}.jpg")])[0]
+        assert float(np.dot(rec.vector, own)) > 0.999, rec.item_id
