@@ -124,6 +124,18 @@ class VectorIndex(ABC):
         """Nearest live points by cosine similarity, best first, across ``shards`` (None = all:
         scatter-gather). ``where`` matches payload keys exactly (a list value = any of)."""
 
+    def search_batch(
+        self,
+        vectors: np.ndarray | Sequence[np.ndarray],
+        *,
+        limit: int = 10,
+        shards: Sequence[str] | None = None,
+        where: Mapping[str, Any] | None = None,
+    ) -> list[list[SearchHit]]:
+        """``search`` for several vectors at once (one result list per vector, in order). Backends
+        override it to run the queries as one planned batch / one round trip."""
+        return [self.search(v, limit=limit, shards=shards, where=where) for v in vectors]
+
     @abstractmethod
     def count(self, shard: str | None = None) -> int:
         """Number of live points (tombstones excluded), in one shard or all."""

@@ -103,6 +103,12 @@ class GuardedIndex(VectorIndex):
     ) -> list[SearchHit]:
         """Up to ``limit`` nearest live points from each of ``shards`` (None = all), any order."""
 
+    def _search_batch(
+        self, vectors: list[list[float]], limit: int, shards: list[str] | None, where: Where
+    ) -> list[list[SearchHit]]:
+        """``_search`` per vector; backends with a batch query override it."""
+        return [self._search(v, limit, shards, where) for v in vectors]
+
     @abstractmethod
     def _count(self, shard: str | None) -> int:
         """Live points (points with a vector) in ``shard`` or in all shards."""
@@ -284,8 +290,18 @@ class GuardedIndex(VectorIndex):
         shards: Sequence[str] | None = None,
         where: Mapping[str, Any] | None = None,
     ) -> list[SearchHit]:
+        return self.search_batch([vector], limit=limit, shards=shards, where=where)[0]
+
+    def search_batch(
+        self,
+        vectors: np.ndarray | Sequence[np.ndarray],
+        *,
+        limit: int = 10,
+        shards: Sequence[str] | None = None,
+        where: Mapping[str, Any] | None = None,
+    ) -> list[list[SearchHit]]:
         self._check_open()
-        vec = self._vector(vector)
+        vecs = [self._vector(v) for v in vectors]
         if not isinstance(limit, int) or limit < 0:
             raise IndexBackendError(f"limit must be an int >= 0, got {limit!r}")
         flt = self._where(where)
@@ -293,11 +309,18 @@ class GuardedIndex(VectorIndex):
         if shards is not None:
             selected = [s for s in dict.fromkeys(self._shard_name(s) for s in shards) if s in self.shards()]
             if not selected:
-                return []
-        if limit == 0:
-            return []
-        hits = self._search(vec, limit, selected, flt)
-        # Merge by score; an item caught mid-move in two shards counts once.
+                return [[] for _ in vecs]
+        if limit == 0 or not vecs:
+            return [[] for _ in vecs]
+        if len(vecs) == 1:
+            found = [self._search(vecs[0], limit, selected, flt)]
+        else:
+            found = self._search_batch(vecs, limit, selected, flt)
+        return [self._merge_hits(hits, limit) for hits in found]
+
+    @staticmethod
+    def _merge_hits(hits: list[SearchHit], limit: int) -> list[SearchHit]:
+        """Merge by score; an item caught mid-move in two shards counts once; tombstones never."""
         merged: dict[str, SearchHit] = {}
         for hit in sorted(hits, key=lambda h: -h.score):
             if hit.payload.get(DELETED_KEY) or hit.item_id in merged:

@@ -264,22 +264,30 @@ class QdrantIndex(GuardedIndex):
     def _search(
         self, vector: list[float], limit: int, shards: list[str] | None, where: Where
     ) -> list[SearchHit]:
-        with self._reading():
-            resp = self.client.query_points(
-                self.collection,
-                query=vector,
-                using=VECTOR_NAME,
-                limit=limit,
-                query_filter=self._live_filter(shards, where),
-                search_params=None if self._local else self._search_params,
-                with_payload=True,
-                shard_key_selector=self._selector(shards),
+        return self._search_batch([vector], limit, shards, where)[0]
+
+    def _search_batch(
+        self, vectors: list[list[float]], limit: int, shards: list[str] | None, where: Where
+    ) -> list[list[SearchHit]]:
+        """All queries in one round trip (``query_batch_points``)."""
+        flt = self._live_filter(shards, where)
+        requests = [
+            qm.QueryRequest(
+                query=v, using=VECTOR_NAME, limit=limit, filter=flt, with_payload=True,
+                params=None if self._local else self._search_params, shard_key=self._selector(shards),
             )
-        hits = []
-        for sp in resp.points:
-            payload = dict(sp.payload or {})
-            hits.append(SearchHit(payload[ITEM_ID_KEY], payload.get(SHARD_KEY, ""), float(sp.score), payload))
-        return hits
+            for v in vectors
+        ]
+        with self._reading():
+            responses = self.client.query_batch_points(self.collection, requests=requests)
+        out = []
+        for resp in responses:
+            hits = []
+            for sp in resp.points:
+                payload = dict(sp.payload or {})
+                hits.append(SearchHit(payload[ITEM_ID_KEY], payload.get(SHARD_KEY, ""), float(sp.score), payload))
+            out.append(hits)
+        return out
 
     def _count(self, shard: str | None) -> int:
         shards = [shard] if shard is not None else None

@@ -131,8 +131,8 @@ class Searcher:
         if len(vectors) == 1:
             return self.index.search(vectors[0], limit=k, shards=shards)
         best: dict[str, IndexHit] = {}
-        for v in vectors:
-            for h in self.index.search(v, limit=k, shards=shards):
+        for hits in self.index.search_batch(vectors, limit=k, shards=shards):
+            for h in hits:
                 if h.item_id not in best or h.score > best[h.item_id].score:
                     best[h.item_id] = h
         return sorted(best.values(), key=lambda h: -h.score)[:k]

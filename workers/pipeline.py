@@ -223,6 +223,17 @@ def _find_twins(prepared: Sequence[_Prepared], vectors: np.ndarray, index: Vecto
             return True
         return bool(dhash_b) and hamming(dhash_a, dhash_b) <= NEAR_DUP_MAX_BITS and cosine >= NEAR_DUP_MIN_COSINE
 
+    # Every item's indexed neighbours up front, one batch query per shard (the index does not
+    # change during this loop: the batch is written after it).
+    neighbours: dict[int, list] = {}
+    by_shard: dict[str, list[int]] = {}
+    for i, p in enumerate(prepared):
+        by_shard.setdefault(p.item.shard, []).append(i)
+    for shard, rows in by_shard.items():
+        for i, hits in zip(rows, index.search_batch(vectors[rows], limit=TWIN_CANDIDATES, shards=[shard]),
+                           strict=True):
+            neighbours[i] = hits
+
     for i, p in enumerate(prepared):
         me = p.item.item_id
         twin = next(
@@ -231,7 +242,7 @@ def _find_twins(prepared: Sequence[_Prepared], vectors: np.ndarray, index: Vecto
             None,
         )
         if twin is None:
-            for hit in index.search(vectors[i], limit=TWIN_CANDIDATES, shards=[p.item.shard]):
+            for hit in neighbours[i]:
                 other = hit.payload
                 if hit.item_id != me and near(p.md5, p.dhash, other.get("md5"), other.get("dhash"), hit.score):
                     twin = other.get("duplicate_of") or hit.item_id

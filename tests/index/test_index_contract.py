@@ -86,6 +86,26 @@ def test_shard_selection_and_scatter_gather(make_index, rng) -> None:
     assert ix.search(q, limit=0) == []
 
 
+def test_search_batch_equals_one_search_per_vector(make_index, rng) -> None:
+    ix = make_index()
+    vecs = unit(rng, 30)
+    shards = ["shoes", "bags", "hats"]
+    ix.upsert([pt(f"i{k}", shards[k % 3], vecs[k], color="red" if k % 2 else "blue") for k in range(30)])
+    ix.delete(["i7"], 2)  # a tombstone never comes back from either path
+    queries = vecs[[0, 7, 11, 29]]
+    for kw in ({"limit": 5}, {"limit": 8, "shards": ["bags", "hats"]}, {"limit": 30, "where": {"color": "red"}}):
+        batched = ix.search_batch(queries, **kw)
+        single = [ix.search(q, **kw) for q in queries]
+        assert [[(h.item_id, h.shard) for h in hits] for hits in batched] == \
+            [[(h.item_id, h.shard) for h in hits] for hits in single], kw
+        for b, s in zip(batched, single, strict=True):
+            assert [h.score for h in b] == pytest.approx([h.score for h in s], abs=1e-5)
+        assert all("i7" not in [h.item_id for h in hits] for hits in batched)
+    assert ix.search_batch(queries, shards=["unknown"]) == [[], [], [], []]
+    assert ix.search_batch(queries, limit=0) == [[], [], [], []]
+    assert ix.search_batch(queries[:0]) == []
+
+
 def test_where_filters(make_index, rng) -> None:
     ix = make_index()
     vecs = unit(rng, 12)
