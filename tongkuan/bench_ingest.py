@@ -14,14 +14,12 @@
       ``indexed_at`` in the index payload (set just before the upsert) − ``event_time``, read from
       the index after the run, plus the worker's own event→searchable histogram as a cross-check.
       Goal p99 ≤ 1 s.
+(iv)  Where the CPU went during (ii): CPU seconds of every process sharing the machine (worker,
+      dispatcher, broker, Redis, this process as producer and poller) from /proc, the idle share,
+      and the worker's busy time by stage (its /metrics histogram sums). A ratio below the goal is
+      either CPU spent outside the embedding or cores left idle; this says which.
 
-Measured here (2 shared cores, real model, defaults = the tuned values): ceiling 54 images/s;
-sustained 41 items/s end to end (ratio 0.76), 45 steady (0.83); at half rate p50 0.13 s, p99 0.24 s.
-Tuning that helped: dispatcher max_batch 32 → 128 (one task per batch) and worker batch 16 → 32
-(end-to-end ratio 0.64 → 0.76). The ≥ 0.9 goal is missed because the dispatcher handles one batch
-at a time (gather → tasks → wait → commit, by design for per-item order): the worker idles while the
-next batch is gathered and committed, and the broker, dispatcher, Redis and Celery share the two
-cores with ONNX Runtime.
+Measured figures and the command that reproduces them are in the README ("Event-driven ingest").
 
 The stack (Tansu, one solo worker with the real model, the dispatcher) is the drill's
 (``tongkuan.drill.Stack``), Redis DB ``--redis-db``. Writes JSON, a table and a latency histogram PNG.
