@@ -1,6 +1,6 @@
 """Ingest benchmark (issue 3 "Targets"): Kafka → dispatcher → Celery worker → index, on this machine.
 
-    python -m tongkuan.bench_ingest [--items 480] [--latency-seconds 20] [--out reports/bench-ingest.json]
+    python -m tongkuan.bench_ingest [--items 2000] [--latency-seconds 20] [--out reports/bench-ingest.json]
 
 (i)   Model-only ceiling: images/s of ``VisionPipeline.embed_catalog`` on the same generated pictures,
       same batch size, in this process, before the stack starts (nothing else of ours running).
@@ -312,7 +312,7 @@ def plot(lat: np.ndarray, report: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tongkuan.bench_ingest", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--items", type=int, default=480)
+    ap.add_argument("--items", type=int, default=2000)
     ap.add_argument("--latency-seconds", type=float, default=20.0)
     ap.add_argument("--max-batch", type=int, default=128, help="dispatcher max_batch (= task chunk)")
     ap.add_argument("--max-wait-ms", type=int, default=50, help="dispatcher max_wait_ms")
