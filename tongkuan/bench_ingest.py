@@ -130,50 +130,71 @@ def wait_indexed(stack: Stack, target: float, timeout: float) -> list[tuple[floa
         time.sleep(0.2)  # the counter moves once per task batch; scraping faster only steals CPU
 
 
-def ceiling(objects: Path, keys: list[str], batch_size: int, ort_threads: int) -> dict:
+def _vision(ort_threads: int, streams: int):
     from tongkuan.settings import Settings
-    from vision.decode import decode_image
     from vision.runtime import VisionPipeline
+    from workers.tasks import worker_threads
 
-    pipe = VisionPipeline.from_settings(Settings(ort_threads=ort_threads))
+    return VisionPipeline.from_settings(worker_threads(Settings(ort_threads=ort_threads, ingest_streams=streams)))
+
+
+def ceiling(objects: Path, keys: list[str], batch_size: int, ort_threads: int, streams: int) -> dict:
+    """Model-only images/s on decoded pictures, the best way to run the model here: one
+    ``embed_catalog`` call at a time with all cores (``ort_threads``), or 2 (and ``streams``) calls
+    at once with the cores shared out. Nothing but the model and its pre-processing runs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vision.decode import decode_image
+
     images = [decode_image((objects / k).read_bytes()) for k in keys]
-    pipe.embed_catalog(images[:batch_size], batch_size=batch_size)  # warm-up
-    t0 = time.perf_counter()
-    pipe.embed_catalog(images, batch_size=batch_size)
-    dt = time.perf_counter() - t0
-    return {"images": len(images), "seconds": round(dt, 2), "images_per_s": round(len(images) / dt, 2),
+    chunks = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
+    ways = {}
+    for n in sorted({1, 2, streams}):
+        pipe = _vision(ort_threads, n)
+        pipe.embed_catalog(chunks[0], batch_size=batch_size)  # warm-up
+        t0 = time.perf_counter()
+        if n == 1:
+            pipe.embed_catalog(images, batch_size=batch_size)
+        else:
+            with ThreadPoolExecutor(n) as pool:
+                list(pool.map(lambda c, p=pipe: p.embed_catalog(c, batch_size=batch_size), chunks))
+        dt = time.perf_counter() - t0
+        ways[f"{n} stream{'s' if n > 1 else ''}"] = {
+            "seconds": round(dt, 2), "images_per_s": round(len(images) / dt, 2),
+            "ort_threads": pipe.embedder.session.get_session_options().intra_op_num_threads}
+    best = max(ways.values(), key=lambda w: w["images_per_s"])
+    return {"images": len(images), "images_per_s": best["images_per_s"], "ways": ways,
             "model_id": pipe.model_id, "batch_size": batch_size}
 
 
-def pipeline_in_process(objects: Path, keys: list[str], batch_size: int, ort_threads: int) -> dict:
+def pipeline_in_process(objects: Path, keys: list[str], batch_size: int, ort_threads: int, streams: int) -> dict:
     """The catalog pipeline alone (fetch, decode, hash, embed, twin check, upsert), in this process,
-    without broker, dispatcher or Celery: splits the gap to the ceiling into pipeline work and
-    distribution overhead."""
+    without broker, dispatcher or Celery, configured as the worker is: splits the gap to the
+    ceiling into pipeline work and distribution overhead."""
     from events.item import CatalogItem
     from index.edge import EdgeIndex
-    from tongkuan.settings import Settings
-    from vision.runtime import VisionPipeline
     from workers.fetch import ImageFetcher
     from workers.pipeline import ingest_items
 
-    pipe = VisionPipeline.from_settings(Settings(ort_threads=ort_threads))
+    pipe = _vision(ort_threads, streams)
     items = [CatalogItem(item_id=f"p-{i}", title=f"p {i}", category_path=("Bags",), image=k)
              for i, k in enumerate(keys)]
+    task = 128  # the dispatcher's task chunk
     with tempfile.TemporaryDirectory(prefix="tongkuan-bench-pipe-") as d:
         index = EdgeIndex(d, pipe.dim, model_id=pipe.model_id)
         fetcher = ImageFetcher(object_root=objects)
         ingest_items(items[:batch_size], index=index, embedder=pipe, fetcher=fetcher)  # warm-up
         stages: dict[str, float] = {}
         t0 = time.perf_counter()
-        for i in range(batch_size, len(items), batch_size):
-            rep = ingest_items(items[i : i + batch_size], index=index, embedder=pipe, fetcher=fetcher,
-                               batch_size=batch_size)
+        for i in range(batch_size, len(items), task):
+            rep = ingest_items(items[i : i + task], index=index, embedder=pipe, fetcher=fetcher,
+                               batch_size=batch_size, streams=streams)
             for k, v in rep.stage_seconds.items():
                 stages[k] = stages.get(k, 0.0) + v
         dt = time.perf_counter() - t0
         index.close()
     n = len(items) - batch_size
-    return {"items": n, "items_per_s": round(n / dt, 2),
+    return {"items": n, "items_per_s": round(n / dt, 2), "streams": streams,
             "stage_seconds": {k: round(v, 3) for k, v in sorted(stages.items())}}
 
 
@@ -182,7 +203,8 @@ def run(args: argparse.Namespace) -> dict:
     cfg = StackConfig(redis_db=args.redis_db, max_batch=args.max_batch, task_chunk=args.max_batch,
                       max_wait_ms=args.max_wait_ms, ingest_batch_size=args.batch_size, ort_threads=args.ort_threads,
                       task_timeout_s=120.0,
-                      extra_env={"TONGKUAN_ORT_SPINNING": "true" if args.spinning else "false"})
+                      extra_env={"TONGKUAN_ORT_SPINNING": "true" if args.spinning else "false",
+                                 "TONGKUAN_INGEST_STREAMS": str(args.streams)})
     stack = Stack(workdir, cfg)
     rng = random.Random(args.seed)
     report: dict = {"config": dataclasses.asdict(cfg), "items": args.items}
@@ -191,11 +213,12 @@ def run(args: argparse.Namespace) -> dict:
         keys = write_pictures(stack.objects, args.items + n_lat_max, args.seed)
         bench_keys, lat_keys = keys[: args.items], keys[args.items :]
         log(f"(i) model-only ceiling on {len(bench_keys)} pictures")
-        report["ceiling"] = ceil = ceiling(stack.objects, bench_keys, args.batch_size, args.ort_threads)
-        log(f"  {ceil['images_per_s']} images/s")
+        report["ceiling"] = ceil = ceiling(stack.objects, bench_keys, args.batch_size, args.ort_threads,
+                                           args.streams)
+        log(f"  {ceil['images_per_s']} images/s ({json.dumps(ceil['ways'])})")
         log("    the catalog pipeline in process (no broker/dispatcher/Celery) on the same pictures")
         report["pipeline_in_process"] = pipe = pipeline_in_process(stack.objects, bench_keys, args.batch_size,
-                                                                  args.ort_threads)
+                                                                  args.ort_threads, args.streams)
         pipe["ratio_to_ceiling"] = round(pipe["items_per_s"] / ceil["images_per_s"], 3)
         log(f"  {pipe['items_per_s']} items/s, ratio {pipe['ratio_to_ceiling']}; stages {pipe['stage_seconds']}")
 
@@ -317,7 +340,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batch", type=int, default=128, help="dispatcher max_batch (= task chunk)")
     ap.add_argument("--max-wait-ms", type=int, default=50, help="dispatcher max_wait_ms")
     ap.add_argument("--batch-size", type=int, default=32, help="worker embedding batch size")
-    ap.add_argument("--ort-threads", type=int, default=0)
+    ap.add_argument("--ort-threads", type=int, default=0, help="0: all cores, shared out between the streams")
+    ap.add_argument("--streams", type=int, default=1,
+                    help="worker model runs at once (TONGKUAN_INGEST_STREAMS); the ceiling is measured "
+                    "with 1 and with 2 streams either way")
     ap.add_argument("--spinning", action=argparse.BooleanOptionalAction, default=False,
                     help="let the worker's ONNX Runtime threads busy-wait (default off: the CPU is shared)")
     ap.add_argument("--redis-db", type=int, default=8)

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
@@ -30,7 +30,11 @@ TWIN_CANDIDATES = 5
 
 
 class CatalogEmbedder(Protocol):
-    """What the pipeline needs from the vision runtime (``vision.runtime.VisionPipeline``)."""
+    """What the pipeline needs from the vision runtime (``vision.runtime.VisionPipeline``).
+
+    Optionally also ``catalog_tensors(images) -> inputs | None`` and ``embed_catalog_tensors(inputs)``
+    (the same embedding split into its CPU pre-processing and the model run): the pipeline then
+    pre-processes the next chunk on its helper thread while the model runs this one."""
 
     model_id: str
     dim: int
@@ -93,8 +97,10 @@ def ingest_items(
     fetcher: ImageFetcher,
     max_pixels: int = 40_000_000,
     batch_size: int = 32,
+    streams: int = 1,
 ) -> IngestReport:
-    """Index one batch of items. Fetch/decode failures are reported per item; the rest are indexed."""
+    """Index one batch of items. Fetch/decode failures are reported per item; the rest are indexed.
+    ``streams`` > 1: that many chunks of ``batch_size`` go through fetch → embed concurrently."""
     report = IngestReport()
     timer = _Stopwatch(report.stage_seconds)
     items = _latest_per_item(items)
@@ -108,26 +114,17 @@ def ingest_items(
         else:
             fresh.append(it)
 
-    # Fetch/decode/hash of the next chunk runs on a helper thread while the current chunk is in
-    # ONNX Runtime (both release the GIL): the CPU work around the model fills the cores' idle gaps
-    # instead of adding to the batch's wall time.
     chunks = [fresh[i : i + batch_size] for i in range(0, len(fresh), batch_size)]
     prepared: list[_Prepared] = []
     parts: list[np.ndarray] = []
-    if chunks:
-        with ThreadPoolExecutor(1, thread_name_prefix="ingest-prepare") as pool:
-            pending = pool.submit(_prepare, chunks[0], fetcher, max_pixels)
-            for n in range(len(chunks)):
-                ready, failures, seconds = pending.result()
-                if n + 1 < len(chunks):
-                    pending = pool.submit(_prepare, chunks[n + 1], fetcher, max_pixels)
-                report.failures += failures
-                for stage, sec in seconds.items():
-                    report.stage_seconds[stage] = report.stage_seconds.get(stage, 0.0) + sec
-                if ready:
-                    with timer("embed"):
-                        parts.append(embedder.embed_catalog([p.image for p in ready], batch_size=batch_size))
-                    prepared += ready
+    for ready, vectors, failures, seconds in _embed_chunks(chunks, fetcher, max_pixels, embedder,
+                                                           batch_size, streams):
+        report.failures += failures
+        for stage, sec in seconds.items():
+            report.stage_seconds[stage] = report.stage_seconds.get(stage, 0.0) + sec
+        if ready:
+            prepared += ready
+            parts.append(vectors)
     if not prepared:
         return report
     vectors = np.concatenate(parts)
@@ -154,10 +151,52 @@ def ingest_items(
     return report
 
 
+def _embed_chunks(
+    chunks: Sequence[Sequence[CatalogItem]], fetcher: ImageFetcher, max_pixels: int,
+    embedder: CatalogEmbedder, batch_size: int, streams: int,
+) -> Iterator[tuple[list[_Prepared], np.ndarray | None, list[ItemFailure], dict[str, float]]]:
+    """(prepared items, their vectors, failures, stage seconds) per chunk, in chunk order.
+
+    One stream: the next chunk is fetched, decoded and hashed on a helper thread while ONNX Runtime
+    runs the current one (PIL and ORT release the GIL). Pre-processing stays next to the model run:
+    on the helper thread it took a core from ORT's intra-op pool, whose every op then waits for its
+    slowest thread (make bench-ingest: 91.6 -> 87.5 items/s). Several streams: that many chunks run
+    the whole way concurrently, each model run single-threaded on its share of the cores."""
+    if not chunks:
+        return
+
+    def embed(ready: list[_Prepared], tensors: Any, seconds: dict[str, float]) -> np.ndarray | None:
+        if not ready:
+            return None
+        with _Stopwatch(seconds)("embed"):
+            if tensors is not None:
+                return embedder.embed_catalog_tensors(tensors)
+            return embedder.embed_catalog([p.image for p in ready], batch_size=batch_size)
+
+    if streams > 1:
+        def whole(chunk: Sequence[CatalogItem]):
+            ready, tensors, failures, seconds = _prepare(chunk, fetcher, max_pixels, embedder, tensors=True)
+            return ready, embed(ready, tensors, seconds), failures, seconds
+
+        with ThreadPoolExecutor(streams, thread_name_prefix="ingest-stream") as pool:
+            yield from pool.map(whole, chunks)
+        return
+
+    with ThreadPoolExecutor(1, thread_name_prefix="ingest-prepare") as pool:
+        pending = pool.submit(_prepare, chunks[0], fetcher, max_pixels, embedder)
+        for n in range(len(chunks)):
+            ready, tensors, failures, seconds = pending.result()
+            if n + 1 < len(chunks):
+                pending = pool.submit(_prepare, chunks[n + 1], fetcher, max_pixels, embedder)
+            yield ready, embed(ready, tensors, seconds), failures, seconds
+
+
 def _prepare(
-    items: Sequence[CatalogItem], fetcher: ImageFetcher, max_pixels: int
-) -> tuple[list[_Prepared], list[ItemFailure], dict[str, float]]:
-    """Fetch, decode and hash some items: (prepared, per-item failures, stage seconds)."""
+    items: Sequence[CatalogItem], fetcher: ImageFetcher, max_pixels: int, embedder: CatalogEmbedder,
+    *, tensors: bool = False,
+) -> tuple[list[_Prepared], Any, list[ItemFailure], dict[str, float]]:
+    """Fetch, decode, hash and (``tensors`` and the embedder offers it) pre-process some items:
+    (prepared, model inputs or None, per-item failures, stage seconds)."""
     seconds: dict[str, float] = {}
     timer = _Stopwatch(seconds)
     prepared: list[_Prepared] = []
@@ -172,7 +211,12 @@ def _prepare(
                 prepared.append(_Prepared(it, image, md5_hex(data), dhash_hex(trim_background(image))))
         except (FetchError, ImageError) as e:
             failures.append(ItemFailure(item_id=it.item_id, reason=e.reason, detail=e.detail))
-    return prepared, failures, seconds
+    inputs = None
+    to_tensors = getattr(embedder, "catalog_tensors", None) if tensors else None
+    if prepared and to_tensors is not None:
+        with timer("preprocess"):
+            inputs = to_tensors([p.image for p in prepared])
+    return prepared, inputs, failures, seconds
 
 
 def item_payload(
@@ -216,7 +260,7 @@ def _find_twins(prepared: Sequence[_Prepared], vectors: np.ndarray, index: Vecto
     are still indexed; the query side collapses them. Candidates are the item's nearest neighbours in
     its own shard, since a near-duplicate picture is also a near neighbour in embedding space."""
     twins: dict[str, str] = {}
-    seen: list[tuple[str, _Prepared, int]] = []  # (group root, item, row in vectors)
+    seen: list[tuple[str, int]] = []  # (group root, row in prepared/vectors)
 
     def near(md5_a, dhash_a, md5_b, dhash_b, cosine) -> bool:
         if md5_a == md5_b:
@@ -234,13 +278,19 @@ def _find_twins(prepared: Sequence[_Prepared], vectors: np.ndarray, index: Vecto
                            strict=True):
             neighbours[i] = hits
 
+    # In-batch pairs: one similarity matrix and integer hashes (this loop is O(batch²) pairs, so
+    # each pair must cost a comparison, not a numpy call).
+    sims = vectors @ vectors.T
+    hashes = [int(p.dhash, 16) for p in prepared]
     for i, p in enumerate(prepared):
         me = p.item.item_id
-        twin = next(
-            (root for root, q, j in seen
-             if near(p.md5, p.dhash, q.md5, q.dhash, float(vectors[i] @ vectors[j]))),
-            None,
-        )
+        twin = None
+        for root, j in seen:
+            if prepared[j].md5 == p.md5 or (
+                (hashes[i] ^ hashes[j]).bit_count() <= NEAR_DUP_MAX_BITS and sims[i, j] >= NEAR_DUP_MIN_COSINE
+            ):
+                twin = root
+                break
         if twin is None:
             for hit in neighbours[i]:
                 other = hit.payload
@@ -249,7 +299,7 @@ def _find_twins(prepared: Sequence[_Prepared], vectors: np.ndarray, index: Vecto
                     break
         if twin is not None and twin != me:
             twins[me] = twin
-        seen.append((twins.get(me, me), p, i))  # link to the group's first item, never to a twin
+        seen.append((twins.get(me, me), i))  # link to the group's first item, never to a twin
     return twins
 
 

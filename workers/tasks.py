@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -109,7 +110,7 @@ _runtime_lock = threading.Lock()
 
 
 def build_runtime(settings: Settings | None = None, ws: WorkerSettings | None = None) -> WorkerRuntime:
-    settings = settings or get_settings()
+    settings = worker_threads(settings or get_settings())
     ws = ws or get_worker_settings()
     t0 = time.perf_counter()
     embedder = load_ref(ws.embedder_factory)(settings)
@@ -127,6 +128,14 @@ def build_runtime(settings: Settings | None = None, ws: WorkerSettings | None = 
         dlq_topic=ws.dlq_topic,
         optimize_every=ws.optimize_every,
     )
+
+
+def worker_threads(settings: Settings) -> Settings:
+    """ONNX Runtime threads for a worker running ``ingest_streams`` model runs at once: the cores
+    shared out between them (``ort_threads`` 0 = automatic), never more threads than cores."""
+    if settings.ort_threads or settings.ingest_streams <= 1:
+        return settings
+    return settings.model_copy(update={"ort_threads": max(1, (os.cpu_count() or 1) // settings.ingest_streams)})
 
 
 def get_runtime() -> WorkerRuntime:
@@ -246,7 +255,7 @@ def apply_events(
         report = ingest_to_targets(
             [ev.to_item() for ev, _ in upserts], index=runtime.index, embedder=runtime.embedder,
             fetcher=runtime.fetcher, max_pixels=s.max_image_pixels, batch_size=s.ingest_batch_size,
-            settings=s,
+            settings=s, streams=s.ingest_streams,
         )
         now = time.time()
         by_id = {ev.item_id: (ev, raw) for ev, raw in upserts}
