@@ -33,8 +33,8 @@ class CatalogEmbedder(Protocol):
     """What the pipeline needs from the vision runtime (``vision.runtime.VisionPipeline``).
 
     Optionally also ``catalog_tensors(images) -> inputs | None`` and ``embed_catalog_tensors(inputs)``
-    (the same embedding split into its CPU pre-processing and the model run): the pipeline then
-    pre-processes the next chunk on its helper thread while the model runs this one."""
+    (the same embedding split into its CPU pre-processing and the model run): with several streams
+    each stream pre-processes its own chunk before its model run."""
 
     model_id: str
     dim: int
