@@ -204,3 +204,14 @@ def test_worker_builds_the_hnsw_graph_every_n_writes(runtime, monkeypatch):
     apply_events([up("c"), delete("a", 2)], runtime)
     assert calls == [1] and runtime.writes_since_optimize == 0
     assert runtime.index.count() == 2  # b and c live; a is a tombstone
+
+
+def test_worker_shares_the_cores_between_its_model_streams(monkeypatch):
+    from tongkuan.settings import Settings
+    from workers.tasks import worker_threads
+
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert worker_threads(Settings(ingest_streams=1)).ort_threads == 0  # one stream: ORT's default
+    assert worker_threads(Settings(ingest_streams=2)).ort_threads == 4
+    assert worker_threads(Settings(ingest_streams=16)).ort_threads == 1  # never below one thread
+    assert worker_threads(Settings(ingest_streams=2, ort_threads=3)).ort_threads == 3  # explicit wins

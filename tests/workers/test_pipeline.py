@@ -133,10 +133,12 @@ def test_delete_and_stream(tmp_path, index):
     assert index.count() == 4 and not index.retrieve(["item-0"])
 
 
-def test_chunks_prepared_ahead_keep_each_vector_with_its_item(tmp_path, index):
-    """Batches span several embedding chunks (prepared on a helper thread while the previous chunk
-    is embedded), with failures inside them: every indexed item still carries its own picture's
-    vector, and the embedder only ever saw chunks of at most ``batch_size`` pictures."""
+@pytest.mark.parametrize("streams", [1, 2, 3])
+def test_chunks_prepared_ahead_keep_each_vector_with_its_item(tmp_path, index, streams):
+    """Batches span several embedding chunks (one stream: prepared on a helper thread while the
+    previous chunk is embedded; several: chunks embedded concurrently), with failures inside them:
+    every indexed item still carries its own picture's vector, and the embedder only ever saw
+    chunks of at most ``batch_size`` pictures."""
     seen_sizes = []
 
     class Recording(ColourEmbedder):
@@ -154,7 +156,7 @@ def test_chunks_prepared_ahead_keep_each_vector_with_its_item(tmp_path, index):
             _jpeg(path, c)
         items.append(_item(i, path, cat=("Shop", f"c{i}")))
     rep = ingest_items(items, index=index, embedder=Recording(), fetcher=ImageFetcher(max_bytes=200_000),
-                       batch_size=3)
+                       batch_size=3, streams=streams)
     assert sorted(f.item_id for f in rep.failures) == ["item-3", "item-4", "item-8"]
     assert len(rep.indexed) == 8 and max(seen_sizes) <= 3 and sum(seen_sizes) == 8
     for rec in index.retrieve(rep.indexed, with_vectors=True):
