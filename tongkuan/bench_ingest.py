@@ -3,7 +3,8 @@
     python -m tongkuan.bench_ingest [--items 2000] [--latency-seconds 20] [--out reports/bench-ingest.json]
 
 (i)   Model-only ceiling: images/s of ``VisionPipeline.embed_catalog`` on the same generated pictures,
-      same batch size, in this process, before the stack starts (nothing else of ours running).
+      same batch size, in this process, before the stack starts (nothing else of ours running); the
+      better of one call at a time on all cores and two calls at once with one ORT thread each.
 (ii)  Sustained ingest: ``--items`` upserts of distinct items (one picture each) published as fast as
       possible; published → searchable items/s, searchable = counted by the worker once the index
       write returned (``tongkuan_ingest_items_total{outcome="indexed"}`` on its /metrics). Reported
