@@ -17,7 +17,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,7 +163,7 @@ class VisionPipeline:
         self.stage_timer.reset_last()
         if self.entry.crop.catalog == "none":
             with self.stage_timer.stage("embed"):
-                return self._embed_overlapped(images, batch_size)
+                return self.embed_images(images, batch_size)
         total = np.zeros((len(images), self.dim), np.float32)
         margin = self.entry.crop.margin
         for size in self.entry.all_sizes:
@@ -182,8 +181,10 @@ class VisionPipeline:
 
     def catalog_tensors(self, images: Sequence[Image.Image]) -> list[np.ndarray] | None:
         """The model inputs of some catalog images (one array per scale), or None when the entry
-        crops catalog images (the crop needs a model pass first). Pure CPU work, safe on another
-        thread: callers prepare the next batch while ``embed_catalog_tensors`` runs this one."""
+        crops catalog images (the crop needs a model pass first). Pure CPU work, safe on any
+        thread: the ingest pipeline's concurrent streams each pre-process their own chunk.
+        (Pre-processing the next batch on a helper thread while ORT runs this one measured no
+        faster here: 110 vs 113 images/s, within noise.)"""
         if self.entry.crop.catalog != "none":
             return None
         return [preprocess(images, self.preprocessing.with_size(size)) for size in self.entry.all_sizes]
@@ -195,22 +196,6 @@ class VisionPipeline:
             v = self.embedder.run(x, features=False)[1]
             total = v if total is None else total + v
         return l2_normalize(total)
-
-    def _embed_overlapped(self, images: Sequence[Image.Image], batch_size: int) -> np.ndarray:
-        """Uncropped catalog images in batches, pre-processing batch n+1 on a helper thread while
-        ONNX Runtime runs batch n (resize + normalise is ~20 % of the work and single-threaded)."""
-        if len(images) <= batch_size:
-            return self.embed_images(images, batch_size)
-        out = np.zeros((len(images), self.dim), np.float32)
-        starts = range(0, len(images), batch_size)
-        with ThreadPoolExecutor(1, thread_name_prefix="preprocess") as pool:
-            pending = pool.submit(self.catalog_tensors, images[:batch_size])
-            for i in starts:
-                tensors = pending.result()
-                if i + batch_size < len(images):
-                    pending = pool.submit(self.catalog_tensors, images[i + batch_size : i + 2 * batch_size])
-                out[i : i + batch_size] = self.embed_catalog_tensors(tensors)
-        return out
 
     def embed_query(self, image: Image.Image, *, max_regions: int = 3) -> QueryEmbedding:
         """A shopper's photo -> one vector per region (at most ``max_regions``), main region first.

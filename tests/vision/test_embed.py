@@ -82,9 +82,9 @@ def test_stage_timer_is_per_thread():
 
 
 def test_catalog_tensors_split_the_catalog_embedding_exactly(model_dir, pipeline, real_images):
-    """The shipped (uncropped) model: pre-processing on one thread + the model run on another gives
-    the same vectors as ``embed_images``, overlapped batches included; a cropping entry (the ImageNet
-    model crops catalog images with the model's own feature map) offers no tensors."""
+    """The shipped (uncropped) model: pre-processing + the model run as two steps gives the same
+    vectors as ``embed_images`` and ``embed_catalog``; a cropping entry (the ImageNet model crops
+    catalog images with the model's own feature map) offers no tensors."""
     from tongkuan.settings import Settings
     from vision.registry import ModelRegistry
     from vision.runtime import VisionPipeline
@@ -92,10 +92,10 @@ def test_catalog_tensors_split_the_catalog_embedding_exactly(model_dir, pipeline
     shipped = VisionPipeline.from_settings(
         Settings(model_dir=model_dir, model=ModelRegistry(model_dir).active, ort_threads=2))
     assert shipped.entry.crop.catalog == "none"
-    images = real_images * 2  # 20 pictures in batches of 3: 7 batches, the last one short
+    images = real_images * 2
     reference = shipped.embed_images(images)
     split = shipped.embed_catalog_tensors(shipped.catalog_tensors(images))
-    overlapped = shipped.embed_catalog(images, batch_size=3)
+    catalog = shipped.embed_catalog(images, batch_size=3)
     np.testing.assert_allclose(split, reference, atol=1e-5)
-    np.testing.assert_allclose(overlapped, reference, atol=1e-5)
+    np.testing.assert_allclose(catalog, reference, atol=1e-5)
     assert pipeline.entry.crop.catalog != "none" and pipeline.catalog_tensors(images) is None
