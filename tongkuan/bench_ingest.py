@@ -53,7 +53,7 @@ _scraper = None
 
 def scrape(stack: Stack) -> str:
     """The worker's /metrics over one kept-alive connection: a new client per poll (TLS context,
-    pool) cost the measuring process ~25 ms of CPU each time, taken from the cores under test."""
+    pool) cost the measuring process ~40 ms of CPU each time, taken from the cores under test."""
     global _scraper
     import httpx
 
@@ -256,7 +256,8 @@ def run(args: argparse.Namespace) -> dict:
             n_cpu = os.cpu_count() or 1
             # Where the machine's CPU time went while the items went through: a ratio below the
             # goal is either CPU spent outside the embedding (other processes, pipeline stages) or
-            # idle cores (the worker waiting for work).
+            # cores left idle. "idle" = not used by these processes (anything else on the machine,
+            # e.g. other services, counts there too).
             report["cpu_during_sustained"] = {
                 "wall_s": round(wall, 2), "cores": n_cpu, "cpu_seconds": cpu,
                 "share_of_machine": {k: round(v / (wall * n_cpu), 3) for k, v in cpu.items()},
