@@ -61,7 +61,7 @@ class Settings(BaseSettings):
     # Chunks of one ingest task embedded concurrently by the worker, each a whole fetch → decode →
     # hash → pre-process → model pass; with ``ort_threads`` 0 each model run then gets
     # cores/streams threads. 1 (default) = one chunk at a time, its successor prepared on a helper
-    # thread. On this 2-core machine 2 streams ran the model alone 13 % faster but ingest no faster
+    # thread. On this 2-core machine 2 streams ran the model alone 13-25 % faster but ingest no faster
     # end to end, at 3x the latency (make bench-ingest --streams 2, README).
     ingest_streams: int = Field(default=1, ge=1, le=16)
 
