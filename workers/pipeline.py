@@ -20,7 +20,7 @@ from PIL import Image
 from events.item import CatalogItem, ItemFailure
 from index.base import IndexPoint, VectorIndex
 from vision.decode import ImageError, decode_image
-from workers.dedup import NEAR_DUP_MAX_BITS, NEAR_DUP_MIN_COSINE, dhash_hex, hamming, md5_hex, trim_background
+from workers.dedup import NEAR_DUP_MAX_BITS, NEAR_DUP_MIN_COSINE, dhash_hex, md5_hex, trim_background
 from workers.fetch import FetchError, ImageFetcher
 
 log = logging.getLogger(__name__)
@@ -262,10 +262,10 @@ def _find_twins(prepared: Sequence[_Prepared], vectors: np.ndarray, index: Vecto
     twins: dict[str, str] = {}
     seen: list[tuple[str, int]] = []  # (group root, row in prepared/vectors)
 
-    def near(md5_a, dhash_a, md5_b, dhash_b, cosine) -> bool:
+    def near(md5_a: str, hash_a: int, md5_b: str | None, hash_b: int | None, cosine: float) -> bool:
         if md5_a == md5_b:
             return True
-        return bool(dhash_b) and hamming(dhash_a, dhash_b) <= NEAR_DUP_MAX_BITS and cosine >= NEAR_DUP_MIN_COSINE
+        return hash_b is not None and (hash_a ^ hash_b).bit_count() <= NEAR_DUP_MAX_BITS and cosine >= NEAR_DUP_MIN_COSINE
 
     # Every item's indexed neighbours up front, one batch query per shard (the index does not
     # change during this loop: the batch is written after it).
@@ -286,15 +286,14 @@ def _find_twins(prepared: Sequence[_Prepared], vectors: np.ndarray, index: Vecto
         me = p.item.item_id
         twin = None
         for root, j in seen:
-            if prepared[j].md5 == p.md5 or (
-                (hashes[i] ^ hashes[j]).bit_count() <= NEAR_DUP_MAX_BITS and sims[i, j] >= NEAR_DUP_MIN_COSINE
-            ):
+            if near(p.md5, hashes[i], prepared[j].md5, hashes[j], sims[i, j]):
                 twin = root
                 break
         if twin is None:
             for hit in neighbours[i]:
                 other = hit.payload
-                if hit.item_id != me and near(p.md5, p.dhash, other.get("md5"), other.get("dhash"), hit.score):
+                theirs = int(other["dhash"], 16) if other.get("dhash") else None
+                if hit.item_id != me and near(p.md5, hashes[i], other.get("md5"), theirs, hit.score):
                     twin = other.get("duplicate_of") or hit.item_id
                     break
         if twin is not None and twin != me:
