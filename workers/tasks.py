@@ -110,8 +110,8 @@ _runtime_lock = threading.Lock()
 
 
 def build_runtime(settings: Settings | None = None, ws: WorkerSettings | None = None) -> WorkerRuntime:
-    settings = worker_threads(settings or get_settings())
     ws = ws or get_worker_settings()
+    settings = worker_threads(settings or get_settings(), tasks_at_once=tasks_at_once(ws))
     t0 = time.perf_counter()
     embedder = load_ref(ws.embedder_factory)(settings)
     providers = getattr(getattr(embedder, "embedder", None), "providers", None)
@@ -130,12 +130,20 @@ def build_runtime(settings: Settings | None = None, ws: WorkerSettings | None = 
     )
 
 
-def worker_threads(settings: Settings) -> Settings:
-    """ONNX Runtime threads for a worker running ``ingest_streams`` model runs at once: the cores
-    shared out between them (``ort_threads`` 0 = automatic), never more threads than cores."""
-    if settings.ort_threads or settings.ingest_streams <= 1:
+def tasks_at_once(ws: WorkerSettings) -> int:
+    """Tasks this worker runs at the same time, each with its own model run: ``worker_concurrency``
+    (threads: sharing one process's model and index; prefork: one per child process), one for solo."""
+    return 1 if ws.worker_pool == "solo" else ws.worker_concurrency
+
+
+def worker_threads(settings: Settings, tasks_at_once: int = 1) -> Settings:
+    """ONNX Runtime threads for a worker running ``tasks_at_once`` × ``ingest_streams`` model runs at
+    once: the cores shared out between them (``ort_threads`` 0 = automatic), never more threads than
+    cores. One session serves them all (``InferenceSession.run`` is thread-safe)."""
+    runs = max(1, tasks_at_once) * max(1, settings.ingest_streams)
+    if settings.ort_threads or runs <= 1:
         return settings
-    return settings.model_copy(update={"ort_threads": max(1, (os.cpu_count() or 1) // settings.ingest_streams)})
+    return settings.model_copy(update={"ort_threads": max(1, (os.cpu_count() or 1) // runs)})
 
 
 def get_runtime() -> WorkerRuntime:

@@ -215,3 +215,18 @@ def test_worker_shares_the_cores_between_its_model_streams(monkeypatch):
     assert worker_threads(Settings(ingest_streams=2)).ort_threads == 4
     assert worker_threads(Settings(ingest_streams=16)).ort_threads == 1  # never below one thread
     assert worker_threads(Settings(ingest_streams=2, ort_threads=3)).ort_threads == 3  # explicit wins
+
+
+def test_threads_pool_tasks_share_the_cores_too(monkeypatch):
+    from tongkuan.settings import Settings
+    from workers.celery_app import WorkerSettings
+    from workers.tasks import tasks_at_once, worker_threads
+
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert tasks_at_once(WorkerSettings(worker_pool="threads", worker_concurrency=2)) == 2
+    assert tasks_at_once(WorkerSettings(worker_pool="solo", worker_concurrency=2)) == 1
+    assert tasks_at_once(WorkerSettings(worker_pool="prefork", worker_concurrency=4)) == 4  # a child each
+    assert worker_threads(Settings(), tasks_at_once=2).ort_threads == 4
+    assert worker_threads(Settings(ingest_streams=2), tasks_at_once=2).ort_threads == 2
+    assert worker_threads(Settings(), tasks_at_once=16).ort_threads == 1
+    assert worker_threads(Settings(ort_threads=3), tasks_at_once=2).ort_threads == 3  # explicit wins
