@@ -8,7 +8,7 @@ Redis must already run on the broker URL's host (the dev machines run one on 127
 ``var/stack/``; ``start`` waits for each health check (worker and dispatcher: ``/metrics`` answers;
 API: ``/healthz``), ``stop`` sends SIGTERM to each process group in reverse order and SIGKILL after a
 grace period. Embedded mode: the one worker process owns the Edge index; it runs two tasks at once on
-the threads pool (``--worker-pool threads --worker-concurrency 2``: ~18 % more items/s than
+the threads pool (``--worker-pool threads --worker-concurrency 2``: 13–19 % more items/s than
 ``solo`` on the 2-core dev machine, ``make bench-ingest``), and the dispatcher keeps four batches in
 flight so both stay fed.
 """

@@ -445,7 +445,7 @@ class StackConfig:
     ort_threads: int = 0
     # The worker's Celery pool: "threads" with ``worker_concurrency`` tasks at once sharing the
     # process's model and Edge index (the cores shared out between their model runs), or "solo".
-    # Two tasks at once ingest ~18 % faster than solo on the 2-core dev machine (make bench-ingest).
+    # Two tasks at once ingest 13–19 % faster than solo on the 2-core dev machine (make bench-ingest).
     worker_pool: str = "threads"
     worker_concurrency: int = 2
     session_timeout_ms: int = 3000
