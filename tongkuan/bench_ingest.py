@@ -220,7 +220,11 @@ def run(args: argparse.Namespace) -> dict:
                       extra_env={"TONGKUAN_ORT_SPINNING": "true" if args.spinning else "false",
                                  "TONGKUAN_INGEST_STREAMS": str(args.streams)})
     stack = Stack(workdir, cfg)
-    tasks = args.concurrency if args.pool == "threads" else 1
+    from workers.celery_app import WorkerSettings
+    from workers.tasks import tasks_at_once
+
+    # the worker's own rule (and validation: concurrency >= 1) for how many model runs share the cores
+    tasks = tasks_at_once(WorkerSettings(worker_pool=args.pool, worker_concurrency=args.concurrency))
     rng = random.Random(args.seed)
     report: dict = {"config": dataclasses.asdict(cfg), "items": args.items}
     try:

@@ -7,7 +7,8 @@ What it does
 1. Starts its own Tansu broker on a free loopback port, a Celery worker (``--pool=threads``, two
    tasks at once, or ``--pool solo``; Redis DB ``--redis-db`` on 127.0.0.1, an embedded Edge index
    in a temp dir, the real vision model; with ``--fast-embedder`` a cheap deterministic
-   8x8-thumbnail embedder for quick runs) and the dispatcher (``python -m workers.dispatcher``), each in its own process group.
+   8x8-thumbnail embedder for quick runs) and the dispatcher (``python -m workers.dispatcher``),
+   each in its own process group.
 2. Generates small synthetic catalog pictures (PIL, JPEG, in a temp dir) and a stream of
    ``--events`` catalog events over ``events/7`` items: creates, updates (new image, new title,
    sometimes a new category = a shard move), deletes, re-creates after a delete, and as many extra
