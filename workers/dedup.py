@@ -14,6 +14,7 @@ its uniform border trimmed (``trim_background``), and ingest also requires the e
 from __future__ import annotations
 
 import hashlib
+from functools import lru_cache
 
 import numpy as np
 from PIL import Image, ImageChops
@@ -26,22 +27,25 @@ def md5_hex(data: bytes) -> str:
     return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
+@lru_cache(maxsize=8)
+def _threshold_lut(tol: int) -> list[int]:
+    return [255 if v > tol else 0 for v in range(256)]
+
+
 def trim_background(img: Image.Image, tol: int = 24) -> Image.Image:
     """Crop a uniform border (the top-left pixel's colour, within ``tol``)."""
-    img = img.convert("RGB")
+    if img.mode != "RGB":
+        img = img.convert("RGB")
     bg = Image.new("RGB", img.size, img.getpixel((0, 0)))
-    box = ImageChops.difference(img, bg).convert("L").point(lambda v: 255 if v > tol else 0).getbbox()
+    box = ImageChops.difference(img, bg).convert("L").point(_threshold_lut(tol)).getbbox()
     return img.crop(box) if box and (box[2] - box[0]) >= 9 and (box[3] - box[1]) >= 8 else img
 
 
 def dhash64(image: Image.Image) -> int:
     small = image.convert("L").resize((9, 8), Image.Resampling.LANCZOS)
     px = np.asarray(small, dtype=np.int16)
-    bits = (px[:, 1:] > px[:, :-1]).flatten()
-    value = 0
-    for b in bits:
-        value = (value << 1) | int(b)
-    return value
+    bits = (px[:, 1:] > px[:, :-1]).ravel()  # 64 bits, row by row, first bit most significant
+    return int.from_bytes(np.packbits(bits).tobytes(), "big")
 
 
 def dhash_hex(image: Image.Image) -> str:
