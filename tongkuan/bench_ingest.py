@@ -187,7 +187,9 @@ def pipeline_in_process(objects: Path, keys: list[str], batch_size: int, ort_thr
     from index.edge import EdgeIndex
     from workers.fetch import ImageFetcher
     from workers.pipeline import ingest_items
+    from workers.tasks import limit_blas_threads
 
+    blas = limit_blas_threads()  # as the worker does (build_runtime)
     pipe = _vision(ort_threads, streams, tasks)
     items = [CatalogItem(item_id=f"p-{i}", title=f"p {i}", category_path=("Bags",), image=k)
              for i, k in enumerate(keys)]
@@ -198,7 +200,7 @@ def pipeline_in_process(objects: Path, keys: list[str], batch_size: int, ort_thr
         stages: dict[str, float] = {}
         t0 = time.perf_counter()
         run = partial(ingest_items, index=index, embedder=pipe, fetcher=fetcher, batch_size=batch_size,
-                      streams=streams)
+                      streams=streams, prefetch=tasks == 1)  # as apply_events does
         with ThreadPoolExecutor(tasks) as pool:
             reports = list(pool.map(run, [items[i : i + task] for i in range(batch_size, len(items), task)]))
         for rep in reports:
@@ -206,6 +208,7 @@ def pipeline_in_process(objects: Path, keys: list[str], batch_size: int, ort_thr
                 stages[k] = stages.get(k, 0.0) + v
         dt = time.perf_counter() - t0
         index.close()
+    blas.restore_original_limits()
     n = len(items) - batch_size
     return {"items": n, "items_per_s": round(n / dt, 2), "streams": streams, "tasks_at_once": tasks,
             "stage_seconds": {k: round(v, 3) for k, v in sorted(stages.items())}}
@@ -308,6 +311,9 @@ def run(args: argparse.Namespace) -> dict:
             "items_per_s": round(e2e, 2), "steady_items_per_s": round(steady, 2),
             "ratio_to_ceiling": round(e2e / ceil["images_per_s"], 3),
             "steady_ratio_to_ceiling": round(steady / ceil["images_per_s"], 3),
+            # seconds after the first publish by which that share of the items was searchable
+            "searchable_by_share_s": {f"{q:.2f}": round(float(done[max(0, int(q * len(done)) - 1)]), 2)
+                                      for q in (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 1.0)},
         }
         log(f"  sustained: {e2e:.2f} items/s end to end ({steady:.2f} steady), ratio {e2e / ceil['images_per_s']:.2f}")
         lat = np.array([payloads[i]["indexed_at"] - t for i, t in sent_at.items() if i in payloads])

@@ -173,4 +173,6 @@ def _on_ready(sender=None, **_: object) -> None:
     if pool == "thread":
         metrics.start_worker_metrics(ws, child=False)
     if ws.warmup and pool != "prefork":  # prefork children load on their first task
-        tasks.get_runtime()
+        runtime = tasks.get_runtime()
+        seconds = tasks.warm_up(runtime)
+        log.info("model warmed up in %.2fs (%d tasks at once)", seconds, runtime.tasks_at_once)

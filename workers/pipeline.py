@@ -98,9 +98,13 @@ def ingest_items(
     max_pixels: int = 40_000_000,
     batch_size: int = 32,
     streams: int = 1,
+    prefetch: bool = True,
 ) -> IngestReport:
     """Index one batch of items. Fetch/decode failures are reported per item; the rest are indexed.
-    ``streams`` > 1: that many chunks of ``batch_size`` go through fetch → embed concurrently."""
+    ``streams`` > 1: that many chunks of ``batch_size`` go through fetch → embed concurrently.
+    ``prefetch`` (one stream): fetch and decode the next chunk on a helper thread while the model
+    runs this one; turn it off where other calls run at the same time and keep the cores busy
+    anyway (the worker's threads pool), so that the helper threads do not crowd them."""
     report = IngestReport()
     timer = _Stopwatch(report.stage_seconds)
     items = _latest_per_item(items)
@@ -118,7 +122,7 @@ def ingest_items(
     prepared: list[_Prepared] = []
     parts: list[np.ndarray] = []
     for ready, vectors, failures, seconds in _embed_chunks(chunks, fetcher, max_pixels, embedder,
-                                                           batch_size, streams):
+                                                           batch_size, streams, prefetch):
         report.failures += failures
         for stage, sec in seconds.items():
             report.stage_seconds[stage] = report.stage_seconds.get(stage, 0.0) + sec
@@ -153,15 +157,18 @@ def ingest_items(
 
 def _embed_chunks(
     chunks: Sequence[Sequence[CatalogItem]], fetcher: ImageFetcher, max_pixels: int,
-    embedder: CatalogEmbedder, batch_size: int, streams: int,
+    embedder: CatalogEmbedder, batch_size: int, streams: int, prefetch: bool = True,
 ) -> Iterator[tuple[list[_Prepared], np.ndarray | None, list[ItemFailure], dict[str, float]]]:
     """(prepared items, their vectors, failures, stage seconds) per chunk, in chunk order.
 
     One stream: the next chunk is fetched, decoded and hashed on a helper thread while ONNX Runtime
     runs the current one (PIL and ORT release the GIL). Pre-processing stays next to the model run:
     on the helper thread it took a core from ORT's intra-op pool, whose every op then waits for its
-    slowest thread (make bench-ingest: 91.6 -> 87.5 items/s). Several streams: that many chunks run
-    the whole way concurrently, each model run single-threaded on its share of the cores."""
+    slowest thread (make bench-ingest: 91.6 -> 87.5 items/s). Without ``prefetch``, each chunk is
+    prepared and then embedded on the calling thread: with other calls running at once, their model
+    runs fill the cores meanwhile (in process, 3 calls at once: 0.88-0.91 of the model-only rate
+    without the helper threads, 0.87-0.89 with them). Several streams: that many chunks run the
+    whole way concurrently, each model run single-threaded on its share of the cores."""
     if not chunks:
         return
 
@@ -180,6 +187,12 @@ def _embed_chunks(
 
         with ThreadPoolExecutor(streams, thread_name_prefix="ingest-stream") as pool:
             yield from pool.map(whole, chunks)
+        return
+
+    if not prefetch:
+        for chunk in chunks:
+            ready, tensors, failures, seconds = _prepare(chunk, fetcher, max_pixels, embedder)
+            yield ready, embed(ready, tensors, seconds), failures, seconds
         return
 
     with ThreadPoolExecutor(1, thread_name_prefix="ingest-prepare") as pool:

@@ -165,13 +165,14 @@ def _other_targets(settings: Settings | None, model_id: str) -> tuple[Settings, 
 def ingest_to_targets(
     items: Sequence[CatalogItem], *, index: VectorIndex, embedder: CatalogEmbedder, fetcher: Any,
     max_pixels: int = 40_000_000, batch_size: int = 32, settings: Settings | None = None, streams: int = 1,
+    prefetch: bool = True,
 ) -> IngestReport:
     """``ingest_items`` into the given (runtime) pair, then into every other write target
     generation with that generation's model. Returns the runtime pair's report: that copy decides
     dead letters and retries. A failure in another generation is logged, not raised: the re-embed's
     verify/repair pass catches what is missing there, and serving ingest must not stall on it."""
     report = ingest_items(items, index=index, embedder=embedder, fetcher=fetcher,
-                          max_pixels=max_pixels, batch_size=batch_size, streams=streams)
+                          max_pixels=max_pixels, batch_size=batch_size, streams=streams, prefetch=prefetch)
     settings, mgr, others = _other_targets(settings, embedder.model_id)
     try:
         for model_id in others:
@@ -179,7 +180,8 @@ def ingest_to_targets(
                 gen = mgr.generation(model_id)
                 with mgr.opened(model_id) as ix:
                     extra = ingest_items(items, index=ix, embedder=pipeline_for(settings, gen.name),
-                                         fetcher=fetcher, max_pixels=max_pixels, batch_size=batch_size)
+                                         fetcher=fetcher, max_pixels=max_pixels, batch_size=batch_size,
+                                         prefetch=prefetch)
                 if extra.failures:
                     log.warning("generation %s: %d items failed: %s", model_id, len(extra.failures),
                                 [(f.item_id, f.reason) for f in extra.failures[:5]])

@@ -230,3 +230,62 @@ def test_threads_pool_tasks_share_the_cores_too(monkeypatch):
     assert worker_threads(Settings(ingest_streams=2), tasks_at_once=2).ort_threads == 2
     assert worker_threads(Settings(), tasks_at_once=16).ort_threads == 1
     assert worker_threads(Settings(ort_threads=3), tasks_at_once=2).ort_threads == 3  # explicit wins
+
+
+def test_worker_leaves_the_cores_to_its_model_runs():
+    """``build_runtime`` caps BLAS at one thread: OpenBLAS's pool spins after each of the twin
+    check's tiny matrix products, on the cores ONNX Runtime is using."""
+    import numpy as np
+    from threadpoolctl import threadpool_info
+
+    from workers.tasks import limit_blas_threads
+
+    np.ones((64, 64)) @ np.ones((64, 64))  # BLAS loaded
+    limiter = limit_blas_threads()
+    try:
+        blas = [lib for lib in threadpool_info() if lib["user_api"] == "blas"]
+        assert blas and all(lib["num_threads"] == 1 for lib in blas)
+    finally:
+        limiter.restore_original_limits()
+
+
+def test_warm_up_runs_full_batches_as_many_at_once_as_the_tasks(runtime):
+    """Before the first task: ``tasks_at_once`` full batches at once (a barrier that fails unless
+    two runs are inside the model together), twice."""
+    import threading
+
+    seen = []
+    both_inside = threading.Barrier(2, timeout=10)
+    real = runtime.embedder.embed_catalog
+
+    def embed(images, batch_size=32):
+        seen.append((len(images), batch_size))
+        both_inside.wait()
+        return real(images, batch_size)
+
+    runtime.embedder.embed_catalog = embed
+    runtime.tasks_at_once = 2
+    runtime.settings = Settings(data_dir=runtime.settings.data_dir, ingest_batch_size=8)
+    assert tasks.warm_up(runtime) > 0
+    assert seen == [(8, 8)] * 4
+
+
+@pytest.mark.parametrize(("tasks_at_once", "helper"), [(1, True), (2, False)])
+def test_concurrent_tasks_prepare_their_pictures_inline(runtime, tasks_at_once, helper):
+    """One task at a time: the next chunk's pictures are fetched on a helper thread while the model
+    runs; several at once (threads pool): on the task's own thread, the others keep the cores busy."""
+    import threading
+
+    threads = set()
+    real = runtime.fetcher.fetch
+
+    def fetch(ref):
+        threads.add(threading.current_thread().name)
+        return real(ref)
+
+    runtime.fetcher.fetch = fetch
+    runtime.tasks_at_once = tasks_at_once
+    out = apply_events([up("a"), up("b")], runtime)
+    assert sorted(out.indexed) == ["a", "b"]
+    assert all(name.startswith("ingest-prepare") for name in threads) is helper
+    assert (threads == {threading.current_thread().name}) is not helper

@@ -133,13 +133,21 @@ def test_delete_and_stream(tmp_path, index):
     assert index.count() == 4 and not index.retrieve(["item-0"])
 
 
-@pytest.mark.parametrize("streams", [1, 2, 3])
-def test_chunks_prepared_ahead_keep_each_vector_with_its_item(tmp_path, index, streams):
+@pytest.mark.parametrize(("streams", "prefetch"), [(1, True), (1, False), (2, True), (3, True)])
+def test_chunks_prepared_ahead_keep_each_vector_with_its_item(tmp_path, index, streams, prefetch):
     """Batches span several embedding chunks (one stream: prepared on a helper thread while the
-    previous chunk is embedded; several: chunks embedded concurrently), with failures inside them:
-    every indexed item still carries its own picture's vector, and the embedder only ever saw
-    chunks of at most ``batch_size`` pictures."""
+    previous chunk is embedded, or inline without ``prefetch``; several: chunks embedded
+    concurrently), with failures inside them: every indexed item still carries its own picture's
+    vector, and the embedder only ever saw chunks of at most ``batch_size`` pictures."""
+    import threading
+
     seen_sizes = []
+    fetch_threads = set()
+
+    class RecordingFetcher(ImageFetcher):
+        def fetch(self, ref):
+            fetch_threads.add(threading.current_thread().name)
+            return super().fetch(ref)
 
     class Recording(ColourEmbedder):
         def embed_catalog(self, images, batch_size=32):
@@ -155,8 +163,11 @@ def test_chunks_prepared_ahead_keep_each_vector_with_its_item(tmp_path, index, s
         else:
             _jpeg(path, c)
         items.append(_item(i, path, cat=("Shop", f"c{i}")))
-    rep = ingest_items(items, index=index, embedder=Recording(), fetcher=ImageFetcher(max_bytes=200_000),
-                       batch_size=3, streams=streams)
+    rep = ingest_items(items, index=index, embedder=Recording(), fetcher=RecordingFetcher(max_bytes=200_000),
+                       batch_size=3, streams=streams, prefetch=prefetch)
+    if streams == 1:  # the helper thread, or (no prefetch) only the caller's
+        want = "ingest-prepare" if prefetch else threading.current_thread().name
+        assert {name.rsplit("_", 1)[0] for name in fetch_threads} == {want}
     assert sorted(f.item_id for f in rep.failures) == ["item-3", "item-4", "item-8"]
     assert len(rep.indexed) == 8 and max(seen_sizes) <= 3 and sum(seen_sizes) == 8
     for rec in index.retrieve(rep.indexed, with_vectors=True):
