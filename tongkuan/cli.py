@@ -25,7 +25,9 @@ def cmd_ingest(args, settings: Settings) -> int:
     from workers.catalog import read_catalog
     from workers.fetch import ImageFetcher
     from workers.pipeline import ingest_stream
+    from workers.tasks import limit_blas_threads
 
+    limit_blas_threads()  # the cores are the model's, as in the worker
     vision, index = _open(settings)
     rows = list(read_catalog(args.catalog))
     bar = tqdm(total=len(rows), desc="ingest", unit="item", disable=args.quiet)
