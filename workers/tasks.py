@@ -147,9 +147,9 @@ def limit_blas_threads() -> Any:
 
     The pipeline's own numpy algebra (the in-batch similarity matrix of the twin check) is tiny, but
     OpenBLAS starts a thread per core for it, and those threads keep spinning for a while after
-    every call, on the cores ONNX Runtime is using: that was ~2 ms of CPU per item, 30 % on top of
-    the model with one 32-item batch per ``ingest_items`` call (ORT run 6.5 ms/item in both cases,
-    process CPU 10.2 vs 7.5 ms/item). Returns the ``threadpoolctl`` limiter
+    every call, on the cores ONNX Runtime is using. With one 32-item batch per ``ingest_items``
+    call that was 2.7 ms of CPU per item on top of the model (process CPU 10.2 against 7.5 ms per
+    item, the ORT run itself 6.5 ms in both). Returns the ``threadpoolctl`` limiter
     (``restore_original_limits()`` undoes it)."""
     from threadpoolctl import threadpool_limits
 
