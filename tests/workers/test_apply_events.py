@@ -233,8 +233,9 @@ def test_threads_pool_tasks_share_the_cores_too(monkeypatch):
 
 
 def test_worker_leaves_the_cores_to_its_model_runs():
-    """``build_runtime`` caps BLAS at one thread: OpenBLAS's pool spins after each of the twin
-    check's tiny matrix products, on the cores ONNX Runtime is using."""
+    """``limit_blas_threads`` (``build_runtime`` and ``tongkuan ingest`` call it) caps BLAS at one
+    thread: OpenBLAS's pool spins after each of the twin check's tiny matrix products, on the cores
+    ONNX Runtime is using."""
     import numpy as np
     from threadpoolctl import threadpool_info
 
