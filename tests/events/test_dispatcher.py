@@ -192,7 +192,9 @@ def test_batches_are_bounded_by_size_and_split_into_task_chunks() -> None:
     topic, dlq, group, d = make(bus, sender, max_batch=10, task_chunk=4)
     publish(bus, topic, [(f"i{i}", event_to_bytes(up(f"i{i}", 1))) for i in range(25)])
     d.run(max_batches=3, idle_timeout=5)
-    assert [len(c) for c in sender.calls] == [4, 4, 2, 4, 4, 2, 4, 1]
+    # at most 4 a task, the tasks of one batch of near-equal size: 10 -> 3+3+4, 5 -> 2+3
+    assert [len(c) for c in sender.calls] == [3, 3, 4, 3, 3, 4, 2, 3]
+    assert [e["item_id"] for c in sender.calls for e in c] == [f"i{i}" for i in range(25)]
     assert d.consumer.committed(TopicPartition(topic, 0)) == 25
 
 
@@ -306,3 +308,14 @@ def test_pipeline_holds_a_batch_that_shares_an_item_with_one_in_flight() -> None
     sender.release(1)
     _steps(d, 3)
     assert d.consumer.committed(TopicPartition(topic, 0)) == 4
+
+
+def test_split_evenly() -> None:
+    from workers.dispatcher import split_evenly
+
+    assert [len(c) for c in split_evenly(list(range(80)), 64)] == [40, 40]
+    assert [len(c) for c in split_evenly(list(range(128)), 64)] == [64, 64]
+    assert [len(c) for c in split_evenly(list(range(65)), 64)] == [32, 33]
+    assert split_evenly(list(range(3)), 64) == [[0, 1, 2]]
+    assert split_evenly([], 64) == []
+    assert sum(split_evenly(list(range(1000)), 7), []) == list(range(1000))
