@@ -189,26 +189,25 @@ def pipeline_in_process(objects: Path, keys: list[str], batch_size: int, ort_thr
     from workers.pipeline import ingest_items
     from workers.tasks import limit_blas_threads
 
-    blas = limit_blas_threads()  # as the worker does (build_runtime)
-    pipe = _vision(ort_threads, streams, tasks)
-    items = [CatalogItem(item_id=f"p-{i}", title=f"p {i}", category_path=("Bags",), image=k)
-             for i, k in enumerate(keys)]
-    with tempfile.TemporaryDirectory(prefix="tongkuan-bench-pipe-") as d:
-        index = EdgeIndex(d, pipe.dim, model_id=pipe.model_id)
-        fetcher = ImageFetcher(object_root=objects)
-        ingest_items(items[:batch_size], index=index, embedder=pipe, fetcher=fetcher)  # warm-up
-        stages: dict[str, float] = {}
-        t0 = time.perf_counter()
-        run = partial(ingest_items, index=index, embedder=pipe, fetcher=fetcher, batch_size=batch_size,
-                      streams=streams, prefetch=tasks == 1)  # as apply_events does
-        with ThreadPoolExecutor(tasks) as pool:
-            reports = list(pool.map(run, [items[i : i + task] for i in range(batch_size, len(items), task)]))
-        for rep in reports:
-            for k, v in rep.stage_seconds.items():
-                stages[k] = stages.get(k, 0.0) + v
-        dt = time.perf_counter() - t0
-        index.close()
-    blas.restore_original_limits()
+    with limit_blas_threads():  # as the worker does (build_runtime); undone on the way out
+        pipe = _vision(ort_threads, streams, tasks)
+        items = [CatalogItem(item_id=f"p-{i}", title=f"p {i}", category_path=("Bags",), image=k)
+                 for i, k in enumerate(keys)]
+        with tempfile.TemporaryDirectory(prefix="tongkuan-bench-pipe-") as d:
+            index = EdgeIndex(d, pipe.dim, model_id=pipe.model_id)
+            fetcher = ImageFetcher(object_root=objects)
+            ingest_items(items[:batch_size], index=index, embedder=pipe, fetcher=fetcher)  # warm-up
+            stages: dict[str, float] = {}
+            t0 = time.perf_counter()
+            run = partial(ingest_items, index=index, embedder=pipe, fetcher=fetcher, batch_size=batch_size,
+                          streams=streams, prefetch=tasks == 1)  # as apply_events does
+            with ThreadPoolExecutor(tasks) as pool:
+                reports = list(pool.map(run, [items[i : i + task] for i in range(batch_size, len(items), task)]))
+            for rep in reports:
+                for k, v in rep.stage_seconds.items():
+                    stages[k] = stages.get(k, 0.0) + v
+            dt = time.perf_counter() - t0
+            index.close()
     n = len(items) - batch_size
     return {"items": n, "items_per_s": round(n / dt, 2), "streams": streams, "tasks_at_once": tasks,
             "stage_seconds": {k: round(v, 3) for k, v in sorted(stages.items())}}

@@ -156,11 +156,16 @@ def limit_blas_threads() -> Any:
     return threadpool_limits(limits=1, user_api="blas")
 
 
+def model_runs_at_once(settings: Settings, tasks_at_once: int = 1) -> int:
+    """Model runs a worker has in flight at most: ``tasks_at_once`` × ``ingest_streams``."""
+    return max(1, tasks_at_once) * max(1, settings.ingest_streams)
+
+
 def worker_threads(settings: Settings, tasks_at_once: int = 1) -> Settings:
     """ONNX Runtime threads for a worker running ``tasks_at_once`` × ``ingest_streams`` model runs at
     once: the cores shared out between them (``ort_threads`` 0 = automatic), never more threads than
     cores. One session serves them all (``InferenceSession.run`` is thread-safe)."""
-    runs = max(1, tasks_at_once) * max(1, settings.ingest_streams)
+    runs = model_runs_at_once(settings, tasks_at_once)
     if settings.ort_threads or runs <= 1:
         return settings
     return settings.model_copy(update={"ort_threads": max(1, (os.cpu_count() or 1) // runs)})
@@ -177,7 +182,7 @@ def warm_up(runtime: WorkerRuntime, rounds: int = 2) -> float:
     from PIL import Image
 
     s = runtime.settings
-    runs = max(1, runtime.tasks_at_once) * max(1, s.ingest_streams)
+    runs = model_runs_at_once(s, runtime.tasks_at_once)
     batch = [Image.new("RGB", (256, 256), (128, 128, 128))] * s.ingest_batch_size
     t0 = time.perf_counter()
     with ThreadPoolExecutor(runs, thread_name_prefix="warm-up") as pool:
