@@ -310,6 +310,33 @@ def test_pipeline_holds_a_batch_that_shares_an_item_with_one_in_flight() -> None
     assert d.consumer.committed(TopicPartition(topic, 0)) == 4
 
 
+def test_a_full_pipeline_waits_without_polling_the_consumer_on_every_tick() -> None:
+    """While every in-flight slot is taken the dispatcher checks its tasks every tick but polls the
+    (paused) consumer only every keepalive_poll_s: a poll costs CPU on the cores the embedding uses."""
+    from events.bus import InMemoryBus
+
+    bus = Bus("memory", memory=InMemoryBus())
+    sender = GatedSender()
+    topic, dlq, group, d = make(bus, sender, max_batch=2, max_wait_ms=0, max_in_flight=1, tick_s=0.01,
+                                keepalive_poll_s=0.2)
+    publish(bus, topic, [(i, event_to_bytes(up(i, 1))) for i in ("a", "b", "c", "d")])
+    _steps(d, 2)
+    assert len(sender.calls) == 1  # the pipeline is full
+    polls = []
+    real_poll = d.consumer.poll
+    d.consumer.poll = lambda n, timeout: polls.append(timeout) or real_poll(n, timeout)
+    t0 = time.monotonic()
+    ticks = 0
+    while time.monotonic() - t0 < 0.5:
+        assert d.step() is None
+        ticks += 1
+    assert ticks >= 20  # it does tick (about every 10 ms)...
+    assert 1 <= len(polls) <= 3 and all(t == 0 for t in polls)  # ...and polls every 0.2 s, paused
+    sender.release(0)
+    assert [r.ok for r in _steps(d, 3)] == [True]  # then goes on: commits, sends [c, d]
+    assert [[e["item_id"] for e in c] for c in sender.calls] == [["a", "b"], ["c", "d"]]
+
+
 def test_split_evenly() -> None:
     from workers.dispatcher import split_evenly
 
