@@ -631,6 +631,7 @@ class Stack:
         return env
 
     def close(self) -> None:
+        """Stop everything and delete this run's Redis keys; closing twice is harmless."""
         for p in (self.dispatcher, self.worker):
             if p is not None:
                 try:
@@ -639,11 +640,13 @@ class Stack:
                     log(f"stopping {p.name}: {e!r}")
         if self.broker is not None:
             self.broker.stop()
+            self.broker = None
         if self._redis is not None:
             try:
                 self.cleanup_redis()
             finally:
                 self._redis.close()
+                self._redis = None
 
     def cleanup_redis(self) -> None:
         """Delete this run's keys: its queue, results, kombu bookkeeping (the DB is the run's own)."""

@@ -1,0 +1,42 @@
+"""bench-ingest's summary over rounds: medians of the per-round ratios, the strictest reading beside
+them, and the latency goal held in every round (the measuring itself runs in ``make bench-ingest``)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tongkuan.bench_ingest import summarize
+
+
+def _round(before: float, after: float, rate: float, p99: float) -> dict:
+    ceiling = (before + after) / 2
+    return {
+        "ceiling": {"images_per_s": ceiling, "before_images_per_s": before, "after_images_per_s": after,
+                    "ways": {"2 streams": {}}, "model_id": "m"},
+        "sustained": {"items_per_s": rate, "steady_items_per_s": rate * 1.02,
+                      "ratio_to_ceiling": round(rate / ceiling, 3),
+                      "steady_ratio_to_ceiling": round(rate * 1.02 / ceiling, 3)},
+        "latency_half_rate": {"rate_per_s": rate / 2, "events": 100, "p99_s": p99},
+    }
+
+
+def test_summary_takes_medians_over_rounds_and_the_best_single_ceiling_as_the_strictest_reading():
+    report = {"rounds": [_round(100, 100, 95, 0.3), _round(90, 110, 80, 0.4), _round(95, 95, 90, 0.2)],
+              "pipeline_in_process": {"items_per_s": 92.0}}
+    summarize(report, np.array([0.1, 0.2, 0.3]))
+    s = report["sustained"]
+    assert s["ratio_per_round"] == [0.95, 0.8, 0.947]
+    assert s["ratio_to_ceiling"] == 0.947  # the median round, not the mean (0.899) nor the best
+    assert s["items_per_s"] == 90.0
+    assert report["ceiling"]["best"] == 110  # a single measurement, not a round's mean
+    assert s["ratio_to_best_ceiling"] == round(90 / 110, 3)
+    assert report["pipeline_in_process"]["ratio_to_ceiling"] == 0.92  # against round 1's ceiling
+    assert report["goals"] == {"ratio_ge_0.9": True, "p99_le_1s": True}
+
+
+def test_latency_goal_must_hold_in_every_round_and_the_ratio_goal_at_the_median():
+    report = {"rounds": [_round(100, 100, 95, 0.3), _round(100, 100, 85, 1.2), _round(100, 100, 88, 0.2)]}
+    summarize(report, np.array([0.1, 0.2, 1.2]))
+    assert report["sustained"]["ratio_to_ceiling"] == 0.88
+    assert report["latency_half_rate"]["p99_per_round_s"] == [0.3, 1.2, 0.2]
+    assert report["goals"] == {"ratio_ge_0.9": False, "p99_le_1s": False}
