@@ -10,9 +10,9 @@ best single ceiling of the run, the strictest reading). A round:
 
 (i)   Model-only ceiling: images/s of ``VisionPipeline.embed_catalog`` on the round's generated
       pictures, same batch size, in this process, before the stack starts and again after it
-      stopped (nothing else of ours running); the better of one call at a time on all cores and two calls at once with one ORT
-      thread each (later rounds measure only the way that won round 1). Round 1 also runs the
-      catalog pipeline in process (no broker, dispatcher or Celery).
+      stopped (nothing else of ours running); the better of one call at a time on all cores and
+      two calls at once with one ORT thread each (later rounds measure only the way that won
+      round 1). Round 1 also runs the catalog pipeline in process (no broker, dispatcher or Celery).
 (ii)  Sustained ingest: ``--items`` upserts of distinct items (one picture each) published as fast as
       possible; published → searchable items/s, searchable = the item's ``indexed_at`` in the index
       payload (stamped just before its batch's upsert), read from the index after the run. Reported

@@ -55,9 +55,9 @@ class WorkerSettings(BaseSettings):
     worker_concurrency: int = Field(default=1, ge=1, le=64)
     # Messages a worker reserves per task slot (Celery's worker_prefetch_multiplier). With 1 and
     # acks_late, a slot that finishes a task has nothing reserved: the next message is fetched
-    # from Redis only after the ack, and the slot waited 13-14 ms per task for it (median; 6 ms
-    # with 2, make bench-ingest). The cost of 2: one more task per slot waits in this worker while
-    # another worker might be idle, a task's length (~1.5 s) at most.
+    # from Redis only after the ack, and the slot waited 13-14 ms per task for it (median of the
+    # task spans in a bench-ingest round; 6 ms with 2). The cost of 2: one more task per slot
+    # waits in this worker while another worker might be idle, a task's length (~1.5 s) at most.
     prefetch_multiplier: int = Field(default=2, ge=1, le=16)
 
     # Redis redelivers a message that was not acked within this time to another worker. With
