@@ -103,6 +103,33 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
+def thread_sched(pid: int) -> dict[int, tuple[float, float]]:
+    """Per thread of one process: (seconds on a CPU, seconds runnable but waiting for one), from
+    /proc/PID/task/TID/schedstat; {} if the process is gone or the kernel keeps no schedstats."""
+    out = {}
+    for f in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+        try:
+            on, waiting = f.read_text().split()[:2]
+        except (OSError, ValueError):
+            continue
+        out[int(f.parent.name)] = (int(on) / 1e9, int(waiting) / 1e9)
+    return out
+
+
+def task_thread_time(before: dict[int, tuple[float, float]], after: dict[int, tuple[float, float]],
+                     threads: int, wall: float) -> dict[str, float] | None:
+    """How the worker's ``threads`` busiest threads (its task threads, which run the model) spent
+    ``wall`` seconds, as shares: on a CPU; runnable but waiting for one (another thread or
+    process had it); and the rest, blocked (the GIL, I/O, waiting for a task) or idle."""
+    d = sorted(((a[0] - before.get(t, (0.0, 0.0))[0], a[1] - before.get(t, (0.0, 0.0))[1])
+                for t, a in after.items()), reverse=True)[:threads]
+    if not d or wall <= 0:
+        return None
+    on, waiting = sum(x[0] for x in d) / (wall * len(d)), sum(x[1] for x in d) / (wall * len(d))
+    return {"threads": len(d), "on_cpu": round(on, 3), "waiting_for_cpu": round(waiting, 3),
+            "blocked_or_idle": round(max(0.0, 1 - on - waiting), 3)}
+
+
 def stack_pids(stack: Stack) -> dict[str, int]:
     """The processes that share the CPU during the run: ours, the broker's and Redis's."""
     pids = {"worker": stack.worker.proc.pid, "dispatcher": stack.dispatcher.proc.pid,
@@ -330,6 +357,7 @@ def run_round(args: argparse.Namespace, cfg: StackConfig, tasks: int, r: int,
                       for i, k in enumerate(bench_keys)]
             pids = stack_pids(stack)
             cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
+            sched0 = thread_sched(pids["worker"])
             busy0 = metric_sums(stack)
             t0, t0_wall = time.monotonic(), time.time()
             outbox.publish(events)
@@ -337,6 +365,7 @@ def run_round(args: argparse.Namespace, cfg: StackConfig, tasks: int, r: int,
             samples = wait_indexed(stack, base + len(events), args.timeout)
             wall = samples[-1][0] - t0  # CPU accounting window (ends at the poll that saw the last item)
             cpu = {k: round(cpu_seconds(p) - cpu0[k], 2) for k, p in pids.items()}
+            task_threads = task_thread_time(sched0, thread_sched(pids["worker"]), tasks * args.streams, wall)
             busy1 = metric_sums(stack)
             busy = {k: round(v - busy0.get(k, 0.0), 3) for k, v in busy1.items() if v - busy0.get(k, 0.0) > 0}
             n_cpu = os.cpu_count() or 1
@@ -348,6 +377,7 @@ def run_round(args: argparse.Namespace, cfg: StackConfig, tasks: int, r: int,
                 "wall_s": round(wall, 2), "cores": n_cpu, "cpu_seconds": cpu,
                 "share_of_machine": {k: round(v / (wall * n_cpu), 3) for k, v in cpu.items()},
                 "idle_share": round(max(0.0, 1 - sum(cpu.values()) / (wall * n_cpu)), 3),
+                "worker_task_threads": task_threads,
                 "worker_busy_s": busy,
                 "worker_busy_share": round(busy.get("task", 0.0) / wall, 3),
             }
@@ -399,6 +429,9 @@ def run_round(args: argparse.Namespace, cfg: StackConfig, tasks: int, r: int,
         lag = max(0.0, cu["wall_s"] - float(done[-1]))
         idle_s = cu["idle_share"] * cu["wall_s"] * cu["cores"]
         cu["idle_share_before_last_item"] = round(max(0.0, idle_s - lag * cu["cores"]) / (float(done[-1]) * cu["cores"]), 3)
+        if tt := cu["worker_task_threads"]:  # the same for the task threads: idle in the lag
+            tt["blocked_or_idle_before_last_item"] = round(
+                max(0.0, tt["blocked_or_idle"] * cu["wall_s"] - lag) / float(done[-1]), 3)
         log(f"  sustained: {e2e:.2f} items/s end to end ({steady:.2f} steady), ratio {e2e / ceil['images_per_s']:.2f}")
         lat = np.array([payloads[i]["indexed_at"] - t for i, t in sent_at.items() if i in payloads])
         within = {le: hist1.get(le, 0) - hist0.get(le, 0) for le in hist1}
@@ -508,6 +541,10 @@ def main(argv: list[str] | None = None) -> int:
               + ", ".join(f"{k} {v:.0%}" for k, v in cu["share_of_machine"].items())
               + f", idle {cu['idle_share']:.0%} ({cu['idle_share_before_last_item']:.0%} before the last item)"
               + f"; worker busy {cu['worker_busy_share']:.0%} of the wall time")
+        if tt := cu.get("worker_task_threads"):
+            print(f"  the worker's {tt['threads']} task threads: on a CPU {tt['on_cpu']:.1%}, waiting for a CPU "
+                  f"{tt['waiting_for_cpu']:.1%}, blocked or idle {tt['blocked_or_idle']:.1%} "
+                  f"({tt.get('blocked_or_idle_before_last_item', 0):.1%} before the last item)")
     print(f"goals: {report['goals']}; report {args.out}, histogram {args.png}")
     return 0
 

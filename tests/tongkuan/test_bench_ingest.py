@@ -40,3 +40,31 @@ def test_latency_goal_must_hold_in_every_round_and_the_ratio_goal_at_the_median(
     assert report["sustained"]["ratio_to_ceiling"] == 0.88
     assert report["latency_half_rate"]["p99_per_round_s"] == [0.3, 1.2, 0.2]
     assert report["goals"] == {"ratio_ge_0.9": False, "p99_le_1s": False}
+
+
+def test_task_thread_time_splits_the_busiest_threads_wall_time_into_cpu_waiting_and_the_rest():
+    from tongkuan.bench_ingest import task_thread_time
+
+    before = {1: (10.0, 1.0), 2: (20.0, 2.0), 3: (5.0, 0.0)}
+    # threads 1 and 2 ran the model (9 and 8 s of a 10 s window, 0.5 s waiting each); 3 is the
+    # Celery main thread (0.1 s) and 4 a thread that started during the window (0.2 s)
+    after = {1: (19.0, 1.5), 2: (28.0, 2.5), 3: (5.1, 0.0), 4: (0.2, 0.0)}
+    t = task_thread_time(before, after, threads=2, wall=10.0)
+    assert t == {"threads": 2, "on_cpu": 0.85, "waiting_for_cpu": 0.05, "blocked_or_idle": 0.1}
+    assert task_thread_time(before, {}, threads=2, wall=10.0) is None  # the worker was gone
+
+
+def test_thread_sched_reads_this_process_threads():
+    import os
+    from pathlib import Path
+
+    import pytest
+
+    from tongkuan.bench_ingest import thread_sched
+
+    if not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/schedstat").exists():
+        pytest.skip("this kernel keeps no per-thread schedstats")
+    mine = thread_sched(os.getpid())
+    assert os.getpid() in mine  # the main thread's id is the process id
+    on, waiting = mine[os.getpid()]
+    assert on > 0 and waiting >= 0
