@@ -29,7 +29,9 @@ best single ceiling of the run, the strictest reading). A round:
       dispatcher, broker, Redis, this process as producer and poller) from /proc, the idle share,
       and the worker's busy time by stage (its /metrics histogram sums). A ratio below the goal is
       either CPU spent outside the embedding or cores left idle; this says which. The window ends
-      at the poll that saw the last item, so up to a second of idle tail counts in "idle".
+      at the poll that saw the last item, so up to a second of idle tail counts in "idle". Also
+      how the worker's task threads (its busiest ones) spent the window, from per-thread
+      schedstat: on a CPU, runnable but waiting for one, or blocked (the GIL, I/O) or idle.
 
 Measured figures and the command that reproduces them are in the README ("Event-driven ingest").
 
