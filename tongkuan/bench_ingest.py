@@ -367,7 +367,10 @@ def run_round(args: argparse.Namespace, cfg: StackConfig, tasks: int, r: int,
             samples = wait_indexed(stack, base + len(events), args.timeout)
             wall = samples[-1][0] - t0  # CPU accounting window (ends at the poll that saw the last item)
             cpu = {k: round(cpu_seconds(p) - cpu0[k], 2) for k, p in pids.items()}
-            task_threads = task_thread_time(sched0, thread_sched(pids["worker"]), tasks * args.streams, wall)
+            # With one stream the task threads run the model; with more, each task's streams run on
+            # threads that live only for its call, gone from /proc (and these counts) by now.
+            task_threads = (task_thread_time(sched0, thread_sched(pids["worker"]), tasks, wall)
+                            if args.streams == 1 else None)
             busy1 = metric_sums(stack)
             busy = {k: round(v - busy0.get(k, 0.0), 3) for k, v in busy1.items() if v - busy0.get(k, 0.0) > 0}
             n_cpu = os.cpu_count() or 1
