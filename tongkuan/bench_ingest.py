@@ -123,8 +123,9 @@ def task_thread_time(before: dict[int, tuple[float, float]], after: dict[int, tu
     """How the worker's ``threads`` busiest threads (its task threads, which run the model) spent
     ``wall`` seconds, as shares: on a CPU; runnable but waiting for one (another thread or
     process had it); and the rest, blocked (the GIL, I/O, waiting for a task) or idle."""
-    d = sorted(((a[0] - before.get(t, (0.0, 0.0))[0], a[1] - before.get(t, (0.0, 0.0))[1])
-                for t, a in after.items()), reverse=True)[:threads]
+    zero = (0.0, 0.0)
+    d = sorted(((cpu - before.get(t, zero)[0], wait - before.get(t, zero)[1])
+                for t, (cpu, wait) in after.items()), reverse=True)[:threads]
     if not d or wall <= 0:
         return None
     on, waiting = sum(x[0] for x in d) / (wall * len(d)), sum(x[1] for x in d) / (wall * len(d))
