@@ -33,6 +33,11 @@ best single ceiling of the run, the strictest reading). A round:
       how the worker's task threads (its busiest ones) spent the window, from per-thread
       schedstat: on a CPU, runnable but waiting for one, or blocked (the GIL, I/O) or idle.
 
+``--in-process`` runs no stack: the ceiling (also with several processes), the model run alone on
+pre-processed inputs, the pipeline for each ``--layouts`` PxT (P processes, T task chunks at once on
+threads in each), and GPU-vs-CPU parity where ONNX Runtime offers CUDA. It is the GPU machine's
+check (no broker or Redis runs there) and a quick look at the pipeline's share anywhere.
+
 Measured figures and the command that reproduces them are in the README ("Event-driven ingest").
 
 The stack (Tansu, one worker with the real model running ``--concurrency`` tasks at once on the
@@ -53,8 +58,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -186,11 +193,12 @@ def _vision(ort_threads: int, streams: int, tasks: int = 1):
 
 
 def ceiling(objects: Path, keys: list[str], batch_size: int, ort_threads: int, streams: int,
-            only: int | None = None) -> dict:
+            only: int | None = None, also: Sequence[int] = (), processes: Sequence[int] = ()) -> dict:
     """Model-only images/s on decoded pictures, the best way to run the model here: one
-    ``embed_catalog`` call at a time with all cores (``ort_threads``), or 2 (and ``streams``) calls
-    at once with the cores shared out. Nothing but the model and its pre-processing runs.
-    ``only``: measure just that many calls at once (the way that won an earlier round)."""
+    ``embed_catalog`` call at a time with all cores (``ort_threads``), or 2 (and ``streams``, and
+    each of ``also``) calls at once with the cores shared out. Nothing but the model and its
+    pre-processing runs. ``only``: measure just that many calls at once (the way that won an
+    earlier round)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from vision.decode import decode_image
@@ -198,7 +206,7 @@ def ceiling(objects: Path, keys: list[str], batch_size: int, ort_threads: int, s
     images = [decode_image((objects / k).read_bytes()) for k in keys]
     chunks = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
     ways = {}
-    for n in [only] if only else sorted({1, 2, streams}):
+    for n in [only] if only else sorted({1, 2, streams, *also}):
         pipe = _vision(ort_threads, n)
         pipe.embed_catalog(chunks[0], batch_size=batch_size)  # warm-up
         t0 = time.perf_counter()
@@ -211,19 +219,50 @@ def ceiling(objects: Path, keys: list[str], batch_size: int, ort_threads: int, s
         ways[f"{n} stream{'s' if n > 1 else ''}"] = {
             "seconds": round(dt, 2), "images_per_s": round(len(images) / dt, 2),
             "ort_threads": pipe.embedder.session.get_session_options().intra_op_num_threads}
+    threads_best = max(ways, key=lambda k: ways[k]["images_per_s"])
+    for n in processes:  # n processes, one embed_catalog call each, the cores shared out
+        threads = ort_threads or max(1, (os.cpu_count() or 1) // n)
+        results = in_processes(_embed_share, [dict(objects=objects, keys=mine, batch_size=batch_size, ort_threads=threads)
+                                              for mine in _spread(keys, batch_size, n)])
+        done, wall = _aggregate(results, "images")
+        ways[f"{n} processes"] = {"seconds": round(wall, 2), "images_per_s": round(done / wall, 2),
+                                  "ort_threads": threads}
     best_way = max(ways, key=lambda k: ways[k]["images_per_s"])
     best = ways[best_way]
-    return {"images": len(images), "images_per_s": best["images_per_s"], "ways": ways,
-            "best_calls_at_once": int(best_way.split()[0]),
-            "model_id": pipe.model_id, "batch_size": batch_size}
+    return {"images": len(images), "images_per_s": best["images_per_s"], "ways": ways, "best_way": best_way,
+            "best_calls_at_once": int(threads_best.split()[0]),  # the best way within one process
+            "model_id": pipe.model_id, "batch_size": batch_size, "providers": pipe.embedder.providers}
+
+
+def model_run_only(objects: Path, keys: list[str], batch_size: int, ort_threads: int, calls: int) -> dict | None:
+    """Images/s of the model run alone, ``calls`` at once, on inputs pre-processed beforehand: what
+    the execution provider itself does, without the CPU pre-processing the ceiling includes. On
+    the CPU the two are close; on a GPU this is the accelerator's share. None when the model crops
+    catalog pictures (its inputs then depend on a first model pass)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vision.decode import decode_image
+
+    pipe = _vision(ort_threads, calls)
+    images = [decode_image((objects / k).read_bytes()) for k in keys]
+    batches = [pipe.catalog_tensors(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+    if batches[0] is None:
+        return None
+    pipe.embed_catalog_tensors(batches[0])  # warm-up
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(calls) as pool:
+        list(pool.map(pipe.embed_catalog_tensors, batches))
+    dt = time.perf_counter() - t0
+    return {"images": len(images), "calls_at_once": calls, "images_per_s": round(len(images) / dt, 2)}
 
 
 def pipeline_in_process(objects: Path, keys: list[str], batch_size: int, ort_threads: int, streams: int,
-                        tasks: int = 1, task: int = 128) -> dict:
+                        tasks: int = 1, task: int = 128, start: Callable[[], None] | None = None) -> dict:
     """The catalog pipeline alone (fetch, decode, hash, embed, twin check, upsert), in this process,
     without broker, dispatcher or Celery, configured as the worker is (``tasks`` task chunks at
     once on threads, like the threads pool): splits the gap to the ceiling into pipeline work and
-    distribution overhead."""
+    distribution overhead. ``start``: called after the warm-up, just before the timed run (the
+    processes of ``pipeline_processes`` wait there for each other)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from events.item import CatalogItem
@@ -241,7 +280,9 @@ def pipeline_in_process(objects: Path, keys: list[str], batch_size: int, ort_thr
             fetcher = ImageFetcher(object_root=objects)
             ingest_items(items[:batch_size], index=index, embedder=pipe, fetcher=fetcher)  # warm-up
             stages: dict[str, float] = {}
-            t0 = time.perf_counter()
+            if start:
+                start()
+            t0, t0_wall = time.perf_counter(), time.time()
             run = partial(ingest_items, index=index, embedder=pipe, fetcher=fetcher, batch_size=batch_size,
                           streams=streams, prefetch=tasks == 1)  # as apply_events does
             with ThreadPoolExecutor(tasks) as pool:
@@ -253,7 +294,209 @@ def pipeline_in_process(objects: Path, keys: list[str], batch_size: int, ort_thr
             index.close()
     n = len(items) - batch_size
     return {"items": n, "items_per_s": round(n / dt, 2), "streams": streams, "tasks_at_once": tasks,
-            "stage_seconds": {k: round(v, 3) for k, v in sorted(stages.items())}}
+            "stage_seconds": {k: round(v, 3) for k, v in sorted(stages.items())},
+            "started_at": t0_wall, "ended_at": t0_wall + dt}
+
+
+def _share(ready: Any, go: Any, out: Any, fn: Callable[..., dict], kwargs: dict) -> None:
+    """One process of ``in_processes``: ``fn(**kwargs, start=...)``, which says ready after its
+    warm-up and waits there for the others."""
+    def start() -> None:
+        ready.put(os.getpid())
+        go.wait()
+
+    try:
+        out.put(fn(**kwargs, start=start))
+    except BaseException as e:  # the parent must not wait for a result that never comes
+        ready.put(os.getpid())
+        out.put({"error": repr(e)})
+        raise
+
+
+def in_processes(fn: Callable[..., dict], shares: list[dict]) -> list[dict]:
+    """``fn(**share, start=...)`` in one process per share, timed runs started together (after
+    each process's warm-up); ``fn`` returns a dict with ``started_at`` / ``ended_at``."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    ready, out, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+    procs = [ctx.Process(target=_share, args=(ready, go, out, fn, kw), daemon=True) for kw in shares]
+    for pr in procs:
+        pr.start()
+    try:
+        for _ in procs:
+            ready.get(timeout=600)
+        go.set()
+        results = [out.get(timeout=900) for _ in procs]
+    finally:
+        for pr in procs:
+            pr.join(timeout=30)
+            if pr.is_alive():
+                pr.kill()
+    if errors := [r["error"] for r in results if "error" in r]:
+        raise RuntimeError(f"a benchmark process failed: {errors[0]}")
+    return results
+
+
+def _spread(keys: list[str], warm: int, parts: int) -> list[list[str]]:
+    """``parts`` shares of ``keys``: each its own ``warm`` warm-up keys, then its slice of the rest."""
+    rest = keys[parts * warm :]
+    n = -(-len(rest) // parts)
+    return [keys[i * warm : (i + 1) * warm] + rest[i * n : (i + 1) * n] for i in range(parts)]
+
+
+def _embed_share(objects: Path, keys: list[str], batch_size: int, ort_threads: int,
+                 start: Callable[[], None]) -> dict:
+    """A process of the ceiling's process way: one ``embed_catalog`` call over its pictures (the
+    first batch is the warm-up)."""
+    from vision.decode import decode_image
+
+    pipe = _vision(ort_threads, 1)
+    images = [decode_image((objects / k).read_bytes()) for k in keys]
+    pipe.embed_catalog(images[:batch_size], batch_size=batch_size)
+    start()
+    t0, t0_wall = time.perf_counter(), time.time()
+    pipe.embed_catalog(images[batch_size:], batch_size=batch_size)
+    return {"images": len(images) - batch_size, "started_at": t0_wall, "ended_at": t0_wall + time.perf_counter() - t0}
+
+
+def _aggregate(results: list[dict], what: str) -> tuple[int, float]:
+    n = sum(r[what] for r in results)
+    return n, max(r["ended_at"] for r in results) - min(r["started_at"] for r in results)
+
+
+def pipeline_processes(objects: Path, keys: list[str], batch_size: int, ort_threads: int, streams: int,
+                       tasks: int, task: int, processes: int) -> dict:
+    """``pipeline_in_process`` in ``processes`` processes at once, each on its share of the items
+    with ``tasks`` task chunks at once and its own model session and embedded index, started
+    together after their warm-ups: the layout of a prefork worker (one child per process), whose
+    Python stages do not share one GIL. The embedded index is owned by one process, so here each
+    process writes its own, a stand-in for the Qdrant server the real layout needs
+    (``index_backend=qdrant``). Throughput = all items / (last end - first start)."""
+    threads = ort_threads or max(1, (os.cpu_count() or 1) // (processes * tasks * streams))
+    results = in_processes(pipeline_in_process, [
+        dict(objects=objects, keys=mine, batch_size=batch_size, ort_threads=threads, streams=streams, tasks=tasks,
+             task=task) for mine in _spread(keys, batch_size, processes)])
+    n, wall = _aggregate(results, "items")
+    stages: dict[str, float] = {}
+    for r in results:
+        for k, v in r["stage_seconds"].items():
+            stages[k] = round(stages.get(k, 0.0) + v, 3)
+    return {"items": n, "items_per_s": round(n / wall, 2), "processes": processes, "streams": streams,
+            "tasks_at_once": tasks, "ort_threads": threads, "stage_seconds": dict(sorted(stages.items())),
+            "per_process_items_per_s": [r["items_per_s"] for r in results]}
+
+
+def provider_parity(objects: Path, keys: list[str], batch_size: int) -> dict | None:
+    """Where ONNX Runtime offers CUDA: the same pictures embedded on the GPU and on the CPU (the
+    query side may run on either, and one index never mixes incompatible vectors). None without
+    CUDA."""
+    import onnxruntime as ort
+
+    from tongkuan.settings import Settings
+    from vision.decode import decode_image
+    from vision.embedder import OnnxEmbedder
+    from vision.registry import ModelRegistry
+    from vision.runtime import VisionPipeline
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return None
+    settings = Settings()
+    entry, path = ModelRegistry(settings.model_dir).resolve(settings.model)
+    images = [decode_image((objects / k).read_bytes()) for k in keys]
+    out = {}
+    for name, providers in (("cuda", None), ("cpu", ["CPUExecutionProvider"])):
+        pipe = VisionPipeline(entry, OnnxEmbedder(path, providers=providers))
+        out[name] = (pipe.embed_catalog(images, batch_size=batch_size), pipe.embedder.providers)
+    a, b = out["cuda"][0], out["cpu"][0]
+    cos = np.sum(a * b, axis=1)
+    return {"images": len(images), "cuda_providers": out["cuda"][1], "cpu_providers": out["cpu"][1],
+            "min_cosine": round(float(cos.min()), 6), "max_abs_diff": float(np.abs(a - b).max())}
+
+
+def run_in_process(args: argparse.Namespace) -> dict:
+    """``--in-process``: the model-only ceiling and the catalog pipeline in this process (or in
+    several, see ``pipeline_processes``) for each of ``--layouts``, with no broker, dispatcher or
+    Celery worker; the model run alone on pre-processed inputs; and, where ONNX Runtime offers
+    CUDA, GPU-vs-CPU embedding parity. For a machine where the stack's services do not run (the
+    lent GPU machine) and as a quick check of the pipeline's share of the ceiling anywhere."""
+    import onnxruntime as ort
+
+    workdir = Path(tempfile.mkdtemp(prefix="tongkuan-bench-inproc-"))
+    try:
+        n_pics = args.items + max(p for p, _ in args.layouts) * args.batch_size  # + warm-up batches
+        log(f"writing {n_pics} pictures")
+        keys = write_pictures(workdir, n_pics, args.seed)
+        log(f"(i) model-only ceiling on {args.items} pictures, batch {args.batch_size}")
+        ceil = ceiling(workdir, keys[: args.items], args.batch_size, args.ort_threads, args.streams,
+                       also=[p * t * args.streams for p, t in args.layouts],
+                       processes=sorted({p for p, _ in args.layouts if p > 1}))
+        log(f"  {ceil['images_per_s']} images/s on {ceil['providers']} ({json.dumps(ceil['ways'])})")
+        run_only = model_run_only(workdir, keys[: args.items], args.batch_size, args.ort_threads,
+                                  ceil["best_calls_at_once"])
+        if run_only:
+            log(f"  the model run alone (inputs pre-processed beforehand): {run_only['images_per_s']} images/s")
+        pipes = []
+        chunk = args.task_chunk or args.max_batch  # as the dispatcher cuts its batches into tasks
+        for procs, tasks in args.layouts:
+            log(f"(ii) the catalog pipeline, {procs} process(es) x {tasks} task chunk(s) of {chunk} at once")
+            if procs == 1:
+                pipe = pipeline_in_process(workdir, keys[: args.items + args.batch_size], args.batch_size,
+                                           args.ort_threads, args.streams, tasks, chunk)
+                pipe["processes"] = 1
+            else:
+                pipe = pipeline_processes(workdir, keys, args.batch_size, args.ort_threads, args.streams, tasks,
+                                          chunk, procs)
+            pipe["ratio_to_ceiling"] = round(pipe["items_per_s"] / ceil["images_per_s"], 3)
+            log(f"  {pipe['items_per_s']} items/s, ratio {pipe['ratio_to_ceiling']}; stages {pipe['stage_seconds']}")
+            pipes.append(pipe)
+        parity = provider_parity(workdir, keys[: 2 * args.batch_size], args.batch_size)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return {"mode": "in_process", "cpus": os.cpu_count(), "onnxruntime": ort.__version__,
+            "available_providers": ort.get_available_providers(), "items": args.items,
+            "ceiling": ceil, "model_run_only": run_only, "pipeline_in_process": pipes, "cuda_parity": parity}
+
+
+def print_in_process(report: dict, out: Path) -> None:
+    c = report["ceiling"]
+    print(f"onnxruntime {report['onnxruntime']} on {report['cpus']} CPUs, session providers {c['providers']}")
+    print(f"{'model-only ceiling':<40} {c['images_per_s']:>9} images/s  ({c['best_way']}, batch {c['batch_size']}; "
+          + ", ".join(f"{k} {w['images_per_s']}" for k, w in c["ways"].items()) + ")")
+    if ro := report["model_run_only"]:
+        print(f"{'model run alone (pre-processed inputs)':<40} {ro['images_per_s']:>9} images/s")
+    for p in report["pipeline_in_process"]:
+        print(f"{'pipeline, ' + _layout(p):<40} {p['items_per_s']:>9} items/s   ratio {p['ratio_to_ceiling']}")
+    if par := report["cuda_parity"]:
+        print(f"CUDA vs CPU embeddings on {par['images']} pictures: min cosine {par['min_cosine']}, "
+              f"max |diff| {par['max_abs_diff']:.2e}")
+    print(f"report {out}")
+
+
+def _layout(p: dict) -> str:
+    return f"{p['processes']} process(es) x {p['tasks_at_once']} task(s)"
+
+
+def plot_in_process(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    c = report["ceiling"]
+    names = ["ceiling"] + [f"{p['processes']}x{p['tasks_at_once']}" for p in report["pipeline_in_process"]]
+    rates = [c["images_per_s"]] + [p["items_per_s"] for p in report["pipeline_in_process"]]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(names, rates, color=["#888"] + ["#3a7"] * (len(names) - 1))
+    for i, p in enumerate(report["pipeline_in_process"], start=1):
+        ax.text(i, rates[i], f"{p['ratio_to_ceiling']:.2f}", ha="center", va="bottom")
+    ax.set_ylabel("images (items) / s")
+    ax.set_xlabel("pipeline: processes x tasks at once")
+    ax.set_title(f"in process on {'+'.join(c['providers'])}, batch {c['batch_size']}", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -510,6 +753,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=2, help="worker tasks at once (threads pool)")
     ap.add_argument("--spinning", action=argparse.BooleanOptionalAction, default=False,
                     help="let the worker's ONNX Runtime threads busy-wait (default off: the CPU is shared)")
+    ap.add_argument("--in-process", action="store_true",
+                    help="no stack: the ceiling, the pipeline in process for each --tasks, and CUDA-vs-CPU "
+                    "parity where CUDA is offered (for the GPU machine, where the services do not run)")
+    ap.add_argument("--layouts", default="1x1,1x2",
+                    help="--in-process: PxT,... pipeline layouts to measure, P processes x T task chunks at once "
+                    "(threads) in each")
     ap.add_argument("--redis-db", type=int, default=8)
     ap.add_argument("--seed", type=int, default=5)
     ap.add_argument("--timeout", type=float, default=240.0, help="seconds per phase at most")
@@ -518,6 +767,21 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.items < 10:
         ap.error("--rounds must be >= 1 and --items >= 10")
+    try:
+        args.layouts = [(int(p), int(t)) for p, t in (x.split("x") for x in args.layouts.split(","))]
+    except ValueError:
+        ap.error(f"--layouts: comma-separated PxT (e.g. 1x2,4x1), not {args.layouts!r}")
+    if args.in_process:
+        if min(min(x) for x in args.layouts) < 1:
+            ap.error("--layouts: processes and tasks must be >= 1")
+        out = args.out if args.out != ap.get_default("out") else args.out.with_name("bench-ingest-in-process.json")
+        png = args.png if args.png != ap.get_default("png") else args.png.with_name("bench-ingest-in-process.png")
+        report = run_in_process(args)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2))
+        plot_in_process(report, png)
+        print_in_process(report, out)
+        return 0
 
     def on_term(signum: int, _frame: object) -> None:
         raise SystemExit(f"signal {signum}")

@@ -6,6 +6,7 @@ per process, kept resident; ``threads`` sets ORT's intra-op threads (0 = ORT's d
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from PIL import Image
 from vision.export import INPUT_NAME, OUTPUT_COARSE, OUTPUT_EMBEDDING, OUTPUT_FEATURES
 from vision.preprocess import Preprocess, preprocess
 
+log = logging.getLogger(__name__)
+
 
 def l2_normalize(v: np.ndarray) -> np.ndarray:
     v = np.asarray(v, dtype=np.float32)
@@ -22,9 +25,18 @@ def l2_normalize(v: np.ndarray) -> np.ndarray:
 
 
 def default_providers() -> list[str]:
+    """CUDA first when this onnxruntime build offers it, then CPU. With ``onnxruntime-gpu`` the CUDA
+    and cuDNN libraries usually come as pip packages (``nvidia-*``, e.g. beside torch) that the
+    dynamic loader does not search: ``preload_dlls`` loads them from there first (ORT's documented
+    way), and where that fails the session falls back to the CPU (``OnnxEmbedder.providers`` says)."""
     import onnxruntime as ort
 
     available = ort.get_available_providers()
+    if "CUDAExecutionProvider" in available and hasattr(ort, "preload_dlls"):
+        try:
+            ort.preload_dlls()
+        except Exception as e:  # noqa: BLE001 - libraries on the loader's path may still do
+            log.warning("onnxruntime.preload_dlls failed (%s); relying on the loader's search path", e)
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 

@@ -68,3 +68,37 @@ def test_thread_sched_reads_this_process_threads():
     assert os.getpid() in mine  # the main thread's id is the process id
     on, waiting = mine[os.getpid()]
     assert on > 0 and waiting >= 0
+
+
+def test_spread_gives_each_process_its_own_warm_up_keys_and_a_disjoint_share_of_the_rest():
+    from tongkuan.bench_ingest import _spread
+
+    keys = [f"k{i}" for i in range(23)]
+    shares = _spread(keys, warm=2, parts=3)
+    assert [s[:2] for s in shares] == [["k0", "k1"], ["k2", "k3"], ["k4", "k5"]]
+    rest = [k for s in shares for k in s[2:]]
+    assert rest == keys[6:]  # every key once, in order
+    assert [len(s) - 2 for s in shares] == [6, 6, 5]
+
+
+def _timed_share(n: int, start) -> dict:
+    import time
+
+    if n < 0:
+        raise ValueError("bad share")
+    start()
+    t0 = time.time()
+    return {"items": n, "started_at": t0, "ended_at": t0 + 0.01 * n}
+
+
+def test_in_processes_starts_the_shares_together_and_reports_failures():
+    import pytest
+
+    from tongkuan.bench_ingest import _aggregate, in_processes
+
+    results = in_processes(_timed_share, [{"n": 3}, {"n": 5}])
+    n, wall = _aggregate(results, "items")
+    assert n == 8
+    assert 0.049 <= wall < 5.0  # the longest share (0.05 s) plus the spread of the starts
+    with pytest.raises(RuntimeError, match="bad share"):
+        in_processes(_timed_share, [{"n": 1}, {"n": -1}])
