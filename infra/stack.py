@@ -143,6 +143,7 @@ def services(a: argparse.Namespace, bootstrap: str, hook_secret: str) -> list[Se
                 f"http://127.0.0.1:{a.worker_metrics_port}/metrics",
                 {**common, "TONGKUAN_WORKER_POOL": a.worker_pool,
                  "TONGKUAN_WORKER_CONCURRENCY": str(a.worker_concurrency),
+                 "TONGKUAN_INGEST_PROCESSES": str(a.ingest_processes),
                  "TONGKUAN_METRICS_PORT": str(a.worker_metrics_port), "TONGKUAN_METRICS_ADDR": "127.0.0.1"}),
         Service("dispatcher", [py, "-m", "workers.dispatcher"],
                 f"http://127.0.0.1:{a.dispatcher_metrics_port}/metrics",
@@ -240,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dispatcher-metrics-port", type=int, default=9103)
     ap.add_argument("--worker-pool", choices=("threads", "solo"), default="threads")
     ap.add_argument("--worker-concurrency", type=int, default=2, help="tasks at once (threads pool)")
+    ap.add_argument("--ingest-processes", type=int, default=2,
+                    help="the worker's embedding processes (0: embed on its task threads; README)")
     ap.add_argument("--max-in-flight", type=int, default=4, help="dispatcher batches in flight")
     ap.add_argument("--timeout", type=float, default=90.0, help="seconds per service health check")
     ap.add_argument("--grace", type=float, default=15.0, help="seconds between SIGTERM and SIGKILL")

@@ -112,6 +112,17 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
+def rss_mib(pid: int) -> float:
+    """Resident memory of one process in MiB (Linux /proc), 0 if it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return 0.0
+
+
 def thread_sched(pid: int) -> dict[int, tuple[float, float]]:
     """Per thread of one process: (seconds on a CPU, seconds runnable but waiting for one), from
     /proc/PID/task/TID/schedstat; {} if the process is gone or the kernel keeps no schedstats."""
@@ -140,10 +151,26 @@ def task_thread_time(before: dict[int, tuple[float, float]], after: dict[int, tu
             "blocked_or_idle": round(max(0.0, 1 - on - waiting), 3)}
 
 
+def child_pids(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (Linux /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.append(int(stat.parent.name))
+    return sorted(out)
+
+
 def stack_pids(stack: Stack) -> dict[str, int]:
-    """The processes that share the CPU during the run: ours, the broker's and Redis's."""
+    """The processes that share the CPU during the run: ours (the worker's embedding processes
+    and other children each by name), the broker's and Redis's."""
     pids = {"worker": stack.worker.proc.pid, "dispatcher": stack.dispatcher.proc.pid,
             "broker (tansu)": stack.broker.proc.pid, "bench (producer, poller)": os.getpid()}
+    for i, child in enumerate(child_pids(stack.worker.proc.pid), start=1):
+        pids[f"worker child {i}"] = child
     try:
         out = subprocess.run(["pgrep", "-x", "redis-server"], capture_output=True, text=True, timeout=5).stdout
         if out.split():
@@ -192,21 +219,37 @@ def _vision(ort_threads: int, streams: int, tasks: int = 1):
     return VisionPipeline.from_settings(worker_threads(settings, tasks_at_once=tasks))
 
 
+def _way(kind: str, n: int) -> str:
+    return f"{n} processes" if kind == "processes" else f"{n} stream{'s' if n > 1 else ''}"
+
+
 def ceiling(objects: Path, keys: list[str], batch_size: int, ort_threads: int, streams: int,
-            only: int | None = None, also: Sequence[int] = (), processes: Sequence[int] = ()) -> dict:
+            only: str | None = None, also: Sequence[int] = (), processes: Sequence[int] = ()) -> dict:
     """Model-only images/s on decoded pictures, the best way to run the model here: one
     ``embed_catalog`` call at a time with all cores (``ort_threads``), or 2 (and ``streams``, and
-    each of ``also``) calls at once with the cores shared out. Nothing but the model and its
-    pre-processing runs. ``only``: measure just that many calls at once (the way that won an
-    earlier round)."""
+    each of ``also``) calls at once on threads, or each of ``processes`` processes, with the cores
+    shared out. Nothing but the model and its pre-processing runs. ``only``: measure just that
+    way (its name, as in ``ways``: the way that won an earlier round)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from vision.decode import decode_image
 
+    todo = [("streams", n) for n in sorted({1, 2, streams, *also})] + [("processes", n) for n in sorted(set(processes))]
+    if only:
+        n, kind = only.split()
+        todo = [("processes" if kind == "processes" else "streams", int(n))]
     images = [decode_image((objects / k).read_bytes()) for k in keys]
     chunks = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
     ways = {}
-    for n in [only] if only else sorted({1, 2, streams, *also}):
+    pipe = None
+    for kind, n in todo:
+        if kind == "processes":  # n processes, one embed_catalog call each
+            threads = ort_threads or max(1, (os.cpu_count() or 1) // n)
+            results = in_processes(_embed_share, [dict(objects=objects, keys=mine, batch_size=batch_size,
+                                                       ort_threads=threads) for mine in _spread(keys, batch_size, n)])
+            done, dt = _aggregate(results, "images")
+            ways[_way(kind, n)] = {"seconds": round(dt, 2), "images_per_s": round(done / dt, 2), "ort_threads": threads}
+            continue
         pipe = _vision(ort_threads, n)
         pipe.embed_catalog(chunks[0], batch_size=batch_size)  # warm-up
         t0 = time.perf_counter()
@@ -216,21 +259,17 @@ def ceiling(objects: Path, keys: list[str], batch_size: int, ort_threads: int, s
             with ThreadPoolExecutor(n) as pool:
                 list(pool.map(lambda c, p=pipe: p.embed_catalog(c, batch_size=batch_size), chunks))
         dt = time.perf_counter() - t0
-        ways[f"{n} stream{'s' if n > 1 else ''}"] = {
+        ways[_way(kind, n)] = {
             "seconds": round(dt, 2), "images_per_s": round(len(images) / dt, 2),
             "ort_threads": pipe.embedder.session.get_session_options().intra_op_num_threads}
-    threads_best = max(ways, key=lambda k: ways[k]["images_per_s"])
-    for n in processes:  # n processes, one embed_catalog call each, the cores shared out
-        threads = ort_threads or max(1, (os.cpu_count() or 1) // n)
-        results = in_processes(_embed_share, [dict(objects=objects, keys=mine, batch_size=batch_size, ort_threads=threads)
-                                              for mine in _spread(keys, batch_size, n)])
-        done, wall = _aggregate(results, "images")
-        ways[f"{n} processes"] = {"seconds": round(wall, 2), "images_per_s": round(done / wall, 2),
-                                  "ort_threads": threads}
+    pipe = pipe or _vision(ort_threads, 1)  # (for its model id and providers)
     best_way = max(ways, key=lambda k: ways[k]["images_per_s"])
+    threads_ways = [k for k in ways if "stream" in k]
     best = ways[best_way]
     return {"images": len(images), "images_per_s": best["images_per_s"], "ways": ways, "best_way": best_way,
-            "best_calls_at_once": int(threads_best.split()[0]),  # the best way within one process
+            # the best way within one process (threads), for the model-run-alone measurement
+            "best_calls_at_once": int(max(threads_ways, key=lambda k: ways[k]["images_per_s"]).split()[0])
+            if threads_ways else 1,
             "model_id": pipe.model_id, "batch_size": batch_size, "providers": pipe.embedder.providers}
 
 
@@ -506,6 +545,7 @@ def run(args: argparse.Namespace) -> dict:
                       max_in_flight=args.max_in_flight,
                       max_wait_ms=args.max_wait_ms, ingest_batch_size=args.batch_size, ort_threads=args.ort_threads,
                       task_timeout_s=120.0, worker_pool=args.pool, worker_concurrency=args.concurrency,
+                      ingest_processes=args.ingest_processes,
                       extra_env={"TONGKUAN_ORT_SPINNING": "true" if args.spinning else "false",
                                  "TONGKUAN_INGEST_STREAMS": str(args.streams)})
     from workers.celery_app import WorkerSettings
@@ -519,7 +559,7 @@ def run(args: argparse.Namespace) -> dict:
     for r in range(args.rounds):
         log(f"== round {r + 1}/{args.rounds}")
         one, lat = run_round(args, cfg, tasks, r, only)
-        only = one["ceiling"]["best_calls_at_once"]  # later rounds measure only the way that won
+        only = one["ceiling"]["best_way"]  # later rounds measure only the way that won
         report["rounds"].append(one)
         lats.append(lat)
         if "pipeline_in_process" in one:
@@ -568,7 +608,7 @@ def summarize(report: dict, lat: np.ndarray) -> None:
 
 
 def run_round(args: argparse.Namespace, cfg: StackConfig, tasks: int, r: int,
-              only: int | None = None) -> tuple[dict, np.ndarray]:
+              only: str | None = None) -> tuple[dict, np.ndarray]:
     """One round: (i) the ceiling on this round's pictures, in round 1 also the pipeline in process,
     then a fresh stack for (ii) sustained and (iii) latency, and (iv) the CPU accounting."""
     workdir = Path(tempfile.mkdtemp(prefix="tongkuan-bench-ingest-"))
@@ -581,12 +621,18 @@ def run_round(args: argparse.Namespace, cfg: StackConfig, tasks: int, r: int,
         bench_keys, lat_keys = keys[: args.items], keys[args.items :]
         log(f"(i) model-only ceiling on {len(bench_keys)} pictures")
         report["ceiling"] = ceil = ceiling(stack.objects, bench_keys, args.batch_size, args.ort_threads,
-                                           args.streams * tasks, only)
+                                           args.streams * tasks, only,
+                                           processes=sorted({2, args.ingest_processes} - {0}))
         log(f"  {ceil['images_per_s']} images/s ({json.dumps(ceil['ways'])})")
         if r == 0:
             log("    the catalog pipeline in process (no broker/dispatcher/Celery) on the same pictures")
-            report["pipeline_in_process"] = pipe = pipeline_in_process(
-                stack.objects, bench_keys, args.batch_size, args.ort_threads, args.streams, tasks, cfg.task_chunk)
+            if args.ingest_processes:  # as the worker: its embedding processes, a chunk at a time each
+                report["pipeline_in_process"] = pipe = pipeline_processes(
+                    stack.objects, bench_keys, args.batch_size, args.ort_threads, args.streams, 1, cfg.task_chunk,
+                    args.ingest_processes)
+            else:
+                report["pipeline_in_process"] = pipe = pipeline_in_process(
+                    stack.objects, bench_keys, args.batch_size, args.ort_threads, args.streams, tasks, cfg.task_chunk)
             log(f"  {pipe['items_per_s']} items/s; stages {pipe['stage_seconds']}")  # ratio: see summarize
 
         stack.start()
@@ -603,7 +649,10 @@ def run_round(args: argparse.Namespace, cfg: StackConfig, tasks: int, r: int,
                       for i, k in enumerate(bench_keys)]
             pids = stack_pids(stack)
             cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
-            sched0 = thread_sched(pids["worker"])
+            # the threads that run the model: the worker's task threads, or its embedding processes'
+            runners = ([p for k, p in pids.items() if k.startswith("worker child")] if args.ingest_processes
+                       else [pids["worker"]])
+            sched0 = {t: v for p in runners for t, v in thread_sched(p).items()}
             busy0 = metric_sums(stack)
             t0, t0_wall = time.monotonic(), time.time()
             outbox.publish(events)
@@ -613,7 +662,8 @@ def run_round(args: argparse.Namespace, cfg: StackConfig, tasks: int, r: int,
             cpu = {k: round(cpu_seconds(p) - cpu0[k], 2) for k, p in pids.items()}
             # With one stream the task threads run the model; with more, each task's streams run on
             # threads that live only for its call, gone from /proc (and these counts) by now.
-            task_threads = (task_thread_time(sched0, thread_sched(pids["worker"]), tasks, wall)
+            sched1 = {t: v for p in runners for t, v in thread_sched(p).items()}
+            task_threads = (task_thread_time(sched0, sched1, args.ingest_processes or tasks, wall)
                             if args.streams == 1 else None)
             busy1 = metric_sums(stack)
             busy = {k: round(v - busy0.get(k, 0.0), 3) for k, v in busy1.items() if v - busy0.get(k, 0.0) > 0}
@@ -629,6 +679,8 @@ def run_round(args: argparse.Namespace, cfg: StackConfig, tasks: int, r: int,
                 "worker_task_threads": task_threads,
                 "worker_busy_s": busy,
                 "worker_busy_share": round(busy.get("task", 0.0) / wall, 3),
+                # resident memory after the burst: the worker, and its children (embedding processes)
+                "rss_mib": {k: rss_mib(p) for k, p in pids.items() if k.startswith("worker")},
             }
             # A first estimate from the poll, for the paced phase; the report's figures come from
             # the index after the run.
@@ -655,7 +707,7 @@ def run_round(args: argparse.Namespace, cfg: StackConfig, tasks: int, r: int,
         stack.close()  # nothing of ours runs during the second ceiling
         # The ceiling again, after the round: the mean of the two brackets the host's drift.
         after = ceiling(stack.objects, bench_keys, args.batch_size, args.ort_threads, args.streams * tasks,
-                        ceil["best_calls_at_once"])["images_per_s"]
+                        ceil["best_way"])["images_per_s"]
         ceil["before_images_per_s"], ceil["after_images_per_s"] = ceil["images_per_s"], after
         ceil["images_per_s"] = round((ceil["images_per_s"] + after) / 2, 2)
         log(f"  ceiling after the round {after} images/s; the round's ceiling {ceil['images_per_s']} (the mean)")
@@ -748,6 +800,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--streams", type=int, default=1,
                     help="worker model runs at once (TONGKUAN_INGEST_STREAMS); the ceiling is measured "
                     "with 1 and with 2 streams either way")
+    ap.add_argument("--ingest-processes", type=int, default=StackConfig.ingest_processes,
+                    help="the worker's embedding processes (TONGKUAN_INGEST_PROCESSES; 0: on its task threads)")
     ap.add_argument("--pool", choices=("solo", "threads"), default="threads",
                     help="the worker's Celery pool (threads: --concurrency tasks at once in one process)")
     ap.add_argument("--concurrency", type=int, default=2, help="worker tasks at once (threads pool)")
@@ -810,9 +864,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"round {i + 1} CPU during the sustained run ({cu['wall_s']} s x {cu['cores']} cores): "
               + ", ".join(f"{k} {v:.0%}" for k, v in cu["share_of_machine"].items())
               + f", idle {cu['idle_share']:.0%} ({cu['idle_share_before_last_item']:.0%} before the last item)"
-              + f"; worker busy {cu['worker_busy_share']:.0%} of the wall time")
+              + f"; worker busy {cu['worker_busy_share']:.0%} of the wall time"
+              + (f"; resident MiB {cu['rss_mib']}" if cu.get("rss_mib") else ""))
         if tt := cu.get("worker_task_threads"):
-            print(f"  the worker's {tt['threads']} task threads: on a CPU {tt['on_cpu']:.1%}, waiting for a CPU "
+            who = "embedding processes' busiest" if report["config"].get("ingest_processes") else "worker's task"
+            print(f"  the {who} {tt['threads']} threads: on a CPU {tt['on_cpu']:.1%}, waiting for a CPU "
                   f"{tt['waiting_for_cpu']:.1%}, blocked or idle {tt['blocked_or_idle']:.1%} "
                   f"({tt.get('blocked_or_idle_before_last_item', 0):.1%} before the last item)")
     print(f"goals: {report['goals']}; report {args.out}, histogram {args.png}")

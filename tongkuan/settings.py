@@ -64,6 +64,12 @@ class Settings(BaseSettings):
     # thread. On this 2-core machine 2 streams ran the model alone 13-25 % faster but ingest no faster
     # end to end, at 3x the latency (make bench-ingest --streams 2, README).
     ingest_streams: int = Field(default=1, ge=1, le=16)
+    # Embedding processes of an ingest worker (``workers.embed_pool``): each chunk is fetched,
+    # decoded, hashed and embedded in one of them, and the worker process only checks twins and
+    # writes (it owns the index). 0 = in the worker process, on its task threads. In process on the
+    # 2-core dev machine, 2 processes reached 0.93 of the model-only ceiling against 0.89 for 2 task
+    # threads (python -m tongkuan.bench_ingest --in-process, README).
+    ingest_processes: int = Field(default=0, ge=0, le=64)
 
     # ONNX Runtime threads (0 = ORT default).
     ort_threads: int = Field(default=0, ge=0)

@@ -34,7 +34,9 @@ class CatalogEmbedder(Protocol):
 
     Optionally also ``catalog_tensors(images) -> inputs | None`` and ``embed_catalog_tensors(inputs)``
     (the same embedding split into its CPU pre-processing and the model run): with several streams
-    each stream pre-processes its own chunk before its model run."""
+    each stream pre-processes its own chunk before its model run. Or ``embed_chunks(chunks,
+    max_pixels)``, which takes whole chunks from fetch to vectors elsewhere
+    (``workers.embed_pool.PooledEmbedder``)."""
 
     model_id: str
     dim: int
@@ -65,7 +67,7 @@ class IngestReport:
 @dataclass
 class _Prepared:
     item: CatalogItem
-    image: Image.Image
+    image: Image.Image | None  # None once embedded in another process (workers.embed_pool)
     md5: str
     dhash: str
 
@@ -171,18 +173,17 @@ def _embed_chunks(
     whole way concurrently, each model run single-threaded on its share of the cores."""
     if not chunks:
         return
+    if (elsewhere := getattr(embedder, "embed_chunks", None)) is not None:
+        # whole chunks in the embedding processes (workers.embed_pool); this process writes
+        yield from elsewhere(chunks, max_pixels)
+        return
 
     def embed(ready: list[_Prepared], tensors: Any, seconds: dict[str, float]) -> np.ndarray | None:
-        if not ready:
-            return None
-        with _Stopwatch(seconds)("embed"):
-            if tensors is not None:
-                return embedder.embed_catalog_tensors(tensors)
-            return embedder.embed_catalog([p.image for p in ready], batch_size=batch_size)
+        return embed_prepared(embedder, ready, tensors, seconds, batch_size)
 
     if streams > 1:
         def whole(chunk: Sequence[CatalogItem]):
-            ready, tensors, failures, seconds = _prepare(chunk, fetcher, max_pixels, embedder, tensors=True)
+            ready, tensors, failures, seconds = prepare_chunk(chunk, fetcher, max_pixels, embedder, tensors=True)
             return ready, embed(ready, tensors, seconds), failures, seconds
 
         with ThreadPoolExecutor(streams, thread_name_prefix="ingest-stream") as pool:
@@ -191,20 +192,32 @@ def _embed_chunks(
 
     if not prefetch:
         for chunk in chunks:
-            ready, tensors, failures, seconds = _prepare(chunk, fetcher, max_pixels, embedder)
+            ready, tensors, failures, seconds = prepare_chunk(chunk, fetcher, max_pixels, embedder)
             yield ready, embed(ready, tensors, seconds), failures, seconds
         return
 
     with ThreadPoolExecutor(1, thread_name_prefix="ingest-prepare") as pool:
-        pending = pool.submit(_prepare, chunks[0], fetcher, max_pixels, embedder)
+        pending = pool.submit(prepare_chunk, chunks[0], fetcher, max_pixels, embedder)
         for n in range(len(chunks)):
             ready, tensors, failures, seconds = pending.result()
             if n + 1 < len(chunks):
-                pending = pool.submit(_prepare, chunks[n + 1], fetcher, max_pixels, embedder)
+                pending = pool.submit(prepare_chunk, chunks[n + 1], fetcher, max_pixels, embedder)
             yield ready, embed(ready, tensors, seconds), failures, seconds
 
 
-def _prepare(
+def embed_prepared(embedder: CatalogEmbedder, ready: list[_Prepared], tensors: Any, seconds: dict[str, float],
+                   batch_size: int) -> np.ndarray | None:
+    """The vectors of a prepared chunk (from ``tensors`` when ``prepare_chunk`` made them), timed
+    as the ``embed`` stage; None for an empty chunk."""
+    if not ready:
+        return None
+    with _Stopwatch(seconds)("embed"):
+        if tensors is not None:
+            return embedder.embed_catalog_tensors(tensors)
+        return embedder.embed_catalog([p.image for p in ready], batch_size=batch_size)
+
+
+def prepare_chunk(
     items: Sequence[CatalogItem], fetcher: ImageFetcher, max_pixels: int, embedder: CatalogEmbedder,
     *, tensors: bool = False,
 ) -> tuple[list[_Prepared], Any, list[ItemFailure], dict[str, float]]:

@@ -47,6 +47,7 @@ from workers.celery_app import (
     get_worker_settings,
     load_ref,
 )
+from workers.embed_pool import EmbedPool, EmbedPoolBroken, PooledEmbedder
 from workers.fetch import TRANSIENT_REASONS, ImageFetcher
 from workers.pipeline import CatalogEmbedder
 from workers.reembed import delete_from_targets, ingest_to_targets
@@ -87,6 +88,8 @@ class WorkerRuntime:
     tasks_at_once: int = 1
 
     def close(self) -> None:
+        if (close := getattr(self.embedder, "close", None)) is not None:
+            close()  # the embedding processes (workers.embed_pool), where the worker has them
         self.index.close()
 
 
@@ -116,12 +119,18 @@ def build_runtime(settings: Settings | None = None, ws: WorkerSettings | None = 
     ws = ws or get_worker_settings()
     limit_blas_threads()
     tasks = tasks_at_once(ws)
-    settings = worker_threads(settings or get_settings(), tasks_at_once=tasks)
+    base = settings or get_settings()
+    settings = worker_threads(base, tasks_at_once=tasks)
     t0 = time.perf_counter()
     embedder = load_ref(ws.embedder_factory)(settings)
     providers = getattr(getattr(embedder, "embedder", None), "providers", None)
     log.info("vision runtime %s (dim %d) loaded in %.1fs; ONNX Runtime providers: %s",
              embedder.model_id, embedder.dim, time.perf_counter() - t0, providers or "n/a")
+    if settings.ingest_processes:
+        # the children share out the cores among themselves (base: ort_threads as configured)
+        embedder = PooledEmbedder(embedder, EmbedPool(base, settings.ingest_processes, ws.embedder_factory,
+                                                      embedder.model_id))
+        log.info("%d embedding processes", settings.ingest_processes)
     index = load_ref(ws.index_factory)(settings, embedder.dim, model_id=embedder.model_id)
     log.info("index backend %s opened for %s", settings.index_backend, embedder.model_id)
     return WorkerRuntime(
@@ -182,6 +191,8 @@ def warm_up(runtime: WorkerRuntime, rounds: int = 2) -> float:
     from PIL import Image
 
     s = runtime.settings
+    if (pool := getattr(runtime.embedder, "pool", None)) is not None:
+        return pool.warm_up(s.ingest_batch_size, rounds)  # the embedding processes run the model
     runs = model_runs_at_once(s, runtime.tasks_at_once)
     batch = [Image.new("RGB", (256, 256), (128, 128, 128))] * s.ingest_batch_size
     t0 = time.perf_counter()
@@ -209,8 +220,17 @@ def set_runtime(runtime: WorkerRuntime | None) -> WorkerRuntime | None:
         return previous
 
 
+def check_layout(settings: Settings, pool: str, concurrency: int) -> None:
+    """Refuse worker layouts that cannot work: several processes on the embedded index
+    (``check_pool``), or embedding processes under prefork."""
+    check_pool(settings.index_backend, pool, concurrency)
+    if settings.ingest_processes and pool == "prefork":
+        raise RuntimeError("ingest_processes needs worker_pool=solo or threads: prefork's children are "
+                           "daemonic and cannot start embedding processes (prefork is processes already)")
+
+
 def check_worker_pool(pool: str, concurrency: int) -> None:
-    check_pool(get_settings().index_backend, pool, concurrency)
+    check_layout(get_settings(), pool, concurrency)
 
 
 class _LazyDeadLetters:
@@ -393,7 +413,7 @@ def backoff_s(retries: int, ws: WorkerSettings) -> float:
     bind=True,
     # Whole-batch transient errors: rerun the batch (idempotent). Item-level transient failures are
     # retried below for just those items.
-    autoretry_for=(DeadLetterUnavailable, IndexBackendError, ConnectionError, TimeoutError),
+    autoretry_for=(DeadLetterUnavailable, IndexBackendError, EmbedPoolBroken, ConnectionError, TimeoutError),
     retry_backoff=True,
     retry_backoff_max=int(get_worker_settings().retry_backoff_max_s),
     retry_jitter=True,
