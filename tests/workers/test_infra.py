@@ -198,3 +198,29 @@ def test_stack_stop_ends_a_service_by_its_pid_file(tmp_path):
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def test_compose_environment_names_real_settings_and_accepted_worker_layouts(compose):
+    """Every TONGKUAN_* variable in compose is a field of one of the settings classes (a typo would
+    be silently ignored by the worker's settings), and each worker's pool layout is one the worker
+    accepts at start-up (``workers.tasks.check_worker_pool``)."""
+    from events.hook import HookSettings
+    from events.kafka import KafkaSettings
+    from tongkuan.settings import Settings
+    from workers.celery_app import WorkerSettings
+    from workers.dispatcher import DispatcherSettings
+    from workers.tasks import check_layout
+
+    known = {f"{cls.model_config['env_prefix']}{f.upper()}"
+             for cls in (Settings, WorkerSettings, DispatcherSettings, HookSettings, KafkaSettings)
+             for f in cls.model_fields}
+    for name, svc in compose["services"].items():
+        env = svc.get("environment") or {}
+        unknown = {k for k in env if k.startswith("TONGKUAN_") and k not in known}
+        assert not unknown, f"{name}: {sorted(unknown)}"
+        if "TONGKUAN_WORKER_POOL" in env:
+            ws = WorkerSettings(worker_pool=env["TONGKUAN_WORKER_POOL"],
+                                worker_concurrency=int(env.get("TONGKUAN_WORKER_CONCURRENCY", 1)))
+            s = Settings(index_backend=env.get("TONGKUAN_INDEX_BACKEND", "qdrant"),
+                         ingest_processes=int(env.get("TONGKUAN_INGEST_PROCESSES", 0)))
+            check_layout(s, ws.worker_pool, ws.worker_concurrency)
