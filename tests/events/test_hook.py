@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from events.bus import EventProducer, InMemoryBus, PublishError
-from events.hook import HookSettings, create_app, sign, signed_headers
+from events.hook import HookSettings, create_app, sign, signed_headers, verify_signature
 from events.models import parse_event
 from events.topics import CATALOG_ITEMS
 from tests.events.conftest import drain, unique
@@ -107,9 +107,11 @@ def test_bad_signatures_are_401(client: TestClient, mem: InMemoryBus, case: str)
     elif case == "tampered":
         body = body.replace(b"red", b"blue")
     elif case == "old":
-        headers = signed_headers(SECRET, body, now - 301)
+        # 30 s past the 300 s window: a margin, because the hook compares against float
+        # time.time() taken later, and an int(now) + 301 can sit exactly 300 s away
+        headers = signed_headers(SECRET, body, now - 330)
     elif case == "future":
-        headers = signed_headers(SECRET, body, now + 301)
+        headers = signed_headers(SECRET, body, now + 330)
     elif case == "malformed_ts":
         headers["X-Tongkuan-Timestamp"] = "yesterday"
     elif case == "no_prefix":
@@ -123,6 +125,17 @@ def test_inside_the_window_both_directions_is_accepted(client: TestClient) -> No
     now = int(time.time())
     assert post(client, upsert("a1"), ts=now - 250).status_code == 202
     assert post(client, upsert("a1"), ts=now + 250).status_code == 202
+
+
+def test_the_window_edge_is_inclusive_and_one_second_past_is_refused() -> None:
+    body = b'{"x": 1}'
+    ts = 1_000_000
+
+    def check(now: float) -> str | None:
+        return verify_signature(SECRET, str(ts), sign(SECRET, str(ts), body), body, 300, now=now)
+
+    assert check(ts + 300) is None and check(ts - 300) is None
+    assert check(ts + 301) == check(ts - 301) == "timestamp outside the replay window"
 
 
 def test_oversized_body_is_413_before_signature_check(client: TestClient) -> None:
