@@ -45,8 +45,8 @@ train: model ## fine-tune the same-product embedding on DATA's train split (CPU 
 bench-embed: model ## images/s torch vs ONNX Runtime, per-stage query latency -> reports/bench-embed.json
 	$(PY) -m tongkuan.bench_embed --data $(DATA)
 
-bench-ingest: model ## event published -> searchable items/s vs the embedding ceiling; latency at half rate
-	$(PY) -m tongkuan.bench_ingest
+bench-ingest: model ## event published -> searchable items/s vs the embedding ceiling; latency at half rate (BENCH_ARGS="--data DIR --split train": real photos)
+	$(PY) -m tongkuan.bench_ingest $(BENCH_ARGS)
 
 drill: model ## reliability drill on the real broker/Redis/workers -> reports/drill.json
 	$(PY) -m tongkuan.drill

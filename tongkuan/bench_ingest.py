@@ -1,6 +1,11 @@
 """Ingest benchmark (issue 3 "Targets"): Kafka → dispatcher → Celery worker → index, on this machine.
 
     python -m tongkuan.bench_ingest [--items 2000] [--rounds 5] [--latency-seconds 20] [--out reports/bench-ingest.json]
+                                    [--data DIR --split NAME]
+
+Pictures: generated 128 x 128 drawings by default (fresh ones each round); ``--data DIR --split NAME``
+uses that dataset's shop photos instead (the grocery ones are 348 x 348 JPEGs, whose decoding and
+hashing, which the ceiling does not include, cost more than the drawings').
 
 The machine is shared and its speed drifts by ±10 % within minutes, about as much as the ratio to
 the goal. So the run is ``--rounds`` rounds, each on fresh pictures and a fresh stack, and each pairs
@@ -221,6 +226,27 @@ def _vision(ort_threads: int, streams: int, tasks: int = 1):
 
 def _way(kind: str, n: int) -> str:
     return f"{n} processes" if kind == "processes" else f"{n} stream{'s' if n > 1 else ''}"
+
+
+def pictures(root: Path, n: int, seed: int, data: Path | None = None, split: str = "train") -> list[str]:
+    """``n`` pictures under ``root/img`` (object keys relative to ``root``): generated 128 x 128
+    drawings (``tongkuan.drill.write_pictures``), or with ``data`` the shop photos of that dataset's
+    ``split`` (GroceryStore layout), shuffled by ``seed`` and copied in (the object store serves
+    files under its root only). Where the split has fewer than ``n``, they repeat: a repeat is an
+    exact duplicate (same MD5), indexed and linked to its twin, as the worker does with any."""
+    if data is None:
+        return write_pictures(root, n, seed)
+    from tongkuan.datasets import GroceryDataset
+
+    photos = [ph.path for ph in GroceryDataset(data).split(split)]
+    random.Random(seed).shuffle(photos)
+    (root / "img").mkdir(parents=True, exist_ok=True)
+    keys = []
+    for i in range(n):
+        key = f"img/{i:05d}{photos[i % len(photos)].suffix.lower()}"
+        shutil.copyfile(photos[i % len(photos)], root / key)
+        keys.append(key)
+    return keys
 
 
 def ceiling(objects: Path, keys: list[str], batch_size: int, ort_threads: int, streams: int,
@@ -465,7 +491,7 @@ def run_in_process(args: argparse.Namespace) -> dict:
     try:
         n_pics = args.items + max(p for p, _ in args.layouts) * args.batch_size  # + warm-up batches
         log(f"writing {n_pics} pictures")
-        keys = write_pictures(workdir, n_pics, args.seed)
+        keys = pictures(workdir, n_pics, args.seed, args.data, args.split)
         log(f"(i) model-only ceiling on {args.items} pictures, batch {args.batch_size}")
         ceil = ceiling(workdir, keys[: args.items], args.batch_size, args.ort_threads, args.streams,
                        also=[p * t * args.streams for p, t in args.layouts],
@@ -493,13 +519,15 @@ def run_in_process(args: argparse.Namespace) -> dict:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return {"mode": "in_process", "cpus": os.cpu_count(), "onnxruntime": ort.__version__,
+            "pictures": _pictures_desc(args),
             "available_providers": ort.get_available_providers(), "items": args.items,
             "ceiling": ceil, "model_run_only": run_only, "pipeline_in_process": pipes, "cuda_parity": parity}
 
 
 def print_in_process(report: dict, out: Path) -> None:
     c = report["ceiling"]
-    print(f"onnxruntime {report['onnxruntime']} on {report['cpus']} CPUs, session providers {c['providers']}")
+    print(f"onnxruntime {report['onnxruntime']} on {report['cpus']} CPUs, session providers {c['providers']}; "
+          f"pictures: {report['pictures']}")
     print(f"{'model-only ceiling':<40} {c['images_per_s']:>9} images/s  ({c['best_way']}, batch {c['batch_size']}; "
           + ", ".join(f"{k} {w['images_per_s']}" for k, w in c["ways"].items()) + ")")
     if ro := report["model_run_only"]:
@@ -538,6 +566,10 @@ def plot_in_process(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _pictures_desc(args: argparse.Namespace) -> str:
+    return f"{args.data} split {args.split}" if args.data else "generated 128 x 128"
+
+
 def run(args: argparse.Namespace) -> dict:
     """``args.rounds`` rounds, each measuring the ceiling and then the stack on fresh pictures and a
     fresh stack; the report's figures are medians over the rounds (see the module doc)."""
@@ -553,7 +585,8 @@ def run(args: argparse.Namespace) -> dict:
 
     # the worker's own rule (and validation: concurrency >= 1) for how many model runs share the cores
     tasks = tasks_at_once(WorkerSettings(worker_pool=args.pool, worker_concurrency=args.concurrency))
-    report: dict = {"config": dataclasses.asdict(cfg), "items": args.items, "rounds": []}
+    report: dict = {"config": dataclasses.asdict(cfg), "items": args.items, "pictures": _pictures_desc(args),
+                    "rounds": []}
     lats = []
     only = None
     for r in range(args.rounds):
@@ -617,7 +650,7 @@ def run_round(args: argparse.Namespace, cfg: StackConfig, tasks: int, r: int,
     report: dict = {}
     try:
         n_lat_max = int(args.latency_seconds * 20) + 10
-        keys = write_pictures(stack.objects, args.items + n_lat_max, args.seed + r)
+        keys = pictures(stack.objects, args.items + n_lat_max, args.seed + r, args.data, args.split)
         bench_keys, lat_keys = keys[: args.items], keys[args.items :]
         log(f"(i) model-only ceiling on {len(bench_keys)} pictures")
         report["ceiling"] = ceil = ceiling(stack.objects, bench_keys, args.batch_size, args.ort_threads,
@@ -813,6 +846,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layouts", default="1x1,1x2",
                     help="--in-process: PxT,... pipeline layouts to measure, P processes x T task chunks at once "
                     "(threads) in each")
+    ap.add_argument("--data", type=Path, default=None,
+                    help="real pictures: the shop photos of this dataset (GroceryStore layout), not generated ones")
+    ap.add_argument("--split", default="train", help="with --data: the split whose photos are used")
     ap.add_argument("--redis-db", type=int, default=8)
     ap.add_argument("--seed", type=int, default=5)
     ap.add_argument("--timeout", type=float, default=240.0, help="seconds per phase at most")
@@ -825,6 +861,13 @@ def main(argv: list[str] | None = None) -> int:
         args.layouts = [(int(p), int(t)) for p, t in (x.split("x") for x in args.layouts.split(","))]
     except ValueError:
         ap.error(f"--layouts: comma-separated PxT (e.g. 1x2,4x1), not {args.layouts!r}")
+    if args.data is not None:
+        from tongkuan.datasets import DatasetError, GroceryDataset
+
+        try:
+            GroceryDataset(args.data).split(args.split)
+        except DatasetError as e:
+            ap.error(f"--data/--split: {e}")
     if args.in_process:
         if min(min(x) for x in args.layouts) < 1:
             ap.error("--layouts: processes and tasks must be >= 1")
@@ -857,6 +900,7 @@ def main(argv: list[str] | None = None) -> int:
         (f"latency at ~{lh['rate_per_s']}/s p50", f"{lh['p50_s']} s", ""),
         (f"latency at ~{lh['rate_per_s']}/s p99", f"{lh['p99_s']} s", f"goal <= 1 s, rounds {lh['p99_per_round_s']}"),
     ]
+    print(f"pictures: {report['pictures']}")
     for r in rows:
         print(f"{r[0]:<34} {r[1]:<18} {r[2]}")
     for i, o in enumerate(report["rounds"]):

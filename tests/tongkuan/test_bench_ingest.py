@@ -3,9 +3,11 @@ them, and the latency goal held in every round (the measuring itself runs in ``m
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
-from tongkuan.bench_ingest import summarize
+from tongkuan.bench_ingest import pictures, summarize
 
 
 def _round(before: float, after: float, rate: float, p99: float) -> dict:
@@ -102,3 +104,40 @@ def test_in_processes_starts_the_shares_together_and_reports_failures():
     assert 0.049 <= wall < 5.0  # the longest share (0.05 s) plus the spread of the starts
     with pytest.raises(RuntimeError, match="bad share"):
         in_processes(_timed_share, [{"n": 1}, {"n": -1}])
+
+
+def _grocery_layout(root: Path, photos: int) -> Path:
+    """A dataset in the GroceryStore layout with one class and ``photos`` distinct train photos."""
+    from PIL import Image
+
+    ds = root / "dataset"
+    (ds / "train").mkdir(parents=True)
+    (ds / "classes.csv").write_text("Class Name,Class ID,Coarse Class Name,Coarse Class ID,Iconic,Desc\n"
+                                    "Apple,0,Apple,0,/iconic-images-and-descriptions/Fruit/Apple/a.jpg,/x.txt\n")
+    lines = []
+    for i in range(photos):
+        Image.new("RGB", (40, 30), (i * 40 % 256, 90, 200)).save(ds / "train" / f"p{i}.jpg")
+        lines.append(f"train/p{i}.jpg, 0, 0")
+    (ds / "train.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_pictures_are_the_splits_photos_copied_in_and_repeated_past_its_size(tmp_path: Path) -> None:
+    data = _grocery_layout(tmp_path / "ds", 3)
+    objects = tmp_path / "objects"
+    keys = pictures(objects, 7, seed=1, data=data, split="train")
+    assert keys == [f"img/{i:05d}.jpg" for i in range(7)]
+    blobs = [(objects / k).read_bytes() for k in keys]
+    sources = {(data / "dataset" / "train" / f"p{i}.jpg").read_bytes() for i in range(3)}
+    assert set(blobs[:3]) == sources  # every photo before any repeats
+    assert blobs[3:6] == blobs[:3] and blobs[6] == blobs[0]
+    assert pictures(tmp_path / "again", 3, seed=1, data=data, split="train") == keys[:3]
+    assert [(tmp_path / "again" / k).read_bytes() for k in keys[:3]] == blobs[:3]  # the seed fixes the order
+
+
+def test_pictures_without_data_are_generated(tmp_path: Path) -> None:
+    from PIL import Image
+
+    keys = pictures(tmp_path, 4, seed=2)
+    with Image.open(tmp_path / keys[0]) as im:
+        assert len(keys) == 4 and im.size == (128, 128)
