@@ -243,8 +243,9 @@ def pictures(root: Path, n: int, seed: int, data: Path | None = None, split: str
     (root / "img").mkdir(parents=True, exist_ok=True)
     keys = []
     for i in range(n):
-        key = f"img/{i:05d}{photos[i % len(photos)].suffix.lower()}"
-        shutil.copyfile(photos[i % len(photos)], root / key)
+        photo = photos[i % len(photos)]
+        key = f"img/{i:05d}{photo.suffix.lower()}"
+        shutil.copyfile(photo, root / key)
         keys.append(key)
     return keys
 

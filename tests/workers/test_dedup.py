@@ -81,5 +81,6 @@ def test_the_grocery_photos_and_packshots_agree() -> None:
     if not paths:
         pytest.skip(f"grocery dataset not found at {root} (set TONGKUAN_TEST_GROCERY)")
     for p in paths:
-        img = Image.open(p).convert("RGB")
+        with Image.open(p) as f:
+            img = f.convert("RGB")
         assert trim_background(img).tobytes() == whole_picture_trim(img).tobytes(), p
