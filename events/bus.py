@@ -22,7 +22,7 @@ import threading
 import time
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -125,6 +125,33 @@ class EventConsumer(ABC):
         self.close()
 
 
+class LazyProducer(EventProducer):
+    """A producer made on the first ``publish``: a worker whose batches are clean never needs the
+    broker connection it would use for dead letters."""
+
+    def __init__(self, factory: Callable[[], EventProducer]) -> None:
+        self._factory = factory
+        self._producer: EventProducer | None = None
+        self._lock = threading.Lock()
+
+    def _get(self) -> EventProducer:
+        with self._lock:
+            if self._producer is None:
+                self._producer = self._factory()
+            return self._producer
+
+    def publish(self, topic: str, key: str | bytes | None, value: bytes, headers: Headers | None = None) -> None:
+        self._get().publish(topic, key, value, headers)
+
+    def flush(self, timeout: float | None = None) -> None:
+        if self._producer is not None:
+            self._producer.flush(timeout)
+
+    def close(self) -> None:
+        if self._producer is not None:
+            self._producer.close()
+
+
 def _norm_headers(headers: Headers | None) -> tuple[tuple[str, bytes], ...]:
     if not headers:
         return ()
@@ -141,34 +168,6 @@ def partition_for(key: bytes | None, partitions: int, counter: int = 0) -> int:
     if key is None:
         return counter % partitions
     return zlib.crc32(key) % partitions
-
-
-# --------------------------------------------------------------------------------------------------
-# Dead letters: the original record's key and bytes, plus why (headers), on the DLQ topic
-
-DLQ_REASON = "x-dlq-reason"  # a reason code: malformed_json, unknown_schema_version, bad_image, ...
-DLQ_DETAIL = "x-dlq-detail"  # free text, truncated to 500 characters
-DLQ_STAGE = "x-dlq-stage"  # who dead-lettered it: dispatcher | task | hook
-DLQ_ORIGIN = "x-dlq-origin"  # "topic/partition/offset" of the original record, when known
-
-
-def dead_letter(
-    producer: EventProducer,
-    dlq_topic: str,
-    record: Record | None,
-    reason: str,
-    detail: str = "",
-    stage: str = "dispatcher",
-    key: str | bytes | None = None,
-    value: bytes | None = None,
-) -> None:
-    """Publish (not flush) one dead letter. Pass the original ``record``, or ``key``/``value``."""
-    headers = {DLQ_REASON: reason, DLQ_DETAIL: detail[:500], DLQ_STAGE: stage}
-    if record is not None:
-        headers[DLQ_ORIGIN] = f"{record.topic}/{record.partition}/{record.offset}"
-        key = record.key if key is None else key
-        value = record.value if value is None else value
-    producer.publish(dlq_topic, key, value or b"", headers)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -319,17 +318,13 @@ class InMemoryConsumer(EventConsumer):
 
 
 __all__ = [
-    "DLQ_DETAIL",
-    "DLQ_ORIGIN",
-    "DLQ_REASON",
-    "DLQ_STAGE",
     "EventConsumer",
     "EventProducer",
     "InMemoryBus",
     "InMemoryConsumer",
     "InMemoryProducer",
+    "LazyProducer",
     "PublishError",
     "Record",
     "TopicPartition",
-    "dead_letter",
 ]

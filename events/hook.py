@@ -1,4 +1,4 @@
-"""The marketplace upload hook: ``POST /v1/hooks/catalog`` → ``catalog.items``.
+"""The marketplace upload hook: ``POST /v1/hooks/catalog`` → ``catalog.items`` / ``catalog.features``.
 
 Request: one event object or a JSON list of them (``events.models``), signed by the marketplace:
 
@@ -6,17 +6,18 @@ Request: one event object or a JSON list of them (``events.models``), signed by 
     X-Tongkuan-Signature: sha256=<hex HMAC-SHA256(secret, f"{timestamp}.".encode() + raw_body)>
 
 Checks, in the order that keeps unauthenticated work cheap: body size (413) → signature and replay
-window (401) → JSON (400) → each event on its own (rejected with a reason). Valid events are
-published keyed by item id and flushed (acks=all) *before* answering ``202``; if the bus does not
-acknowledge, the answer is ``503`` and nothing is claimed accepted, so the marketplace retries the
-whole request (harmless: events carry versions, and the index keeps the highest).
+window (401) → JSON (400) → each event on its own (``events.contract.validate_event``: rejected
+with a reason). Valid state events (upserts, deletes) are published to ``catalog.items`` and feature
+events to ``catalog.features``, keyed by item id, and flushed (acks=all) *before* answering ``202``;
+if the bus does not acknowledge, the answer is ``503`` and nothing is claimed accepted, so the
+marketplace retries the whole request (harmless: events carry versions, and the index keeps the
+highest).
 
 Replays inside the window are accepted again for the same reason; the window only bounds how long
 a captured request stays usable.
 
-``router`` is mountable in any FastAPI app that provides ``app.state.event_producer`` (or overrides
-``get_producer``); ``create_app()`` builds the standalone hook service with ``/healthz`` and
-``/metrics``.
+``router`` is mountable in any FastAPI app that provides ``app.state.event_producer`` and
+``app.state.hook_settings`` (``tongkuan.api`` does).
 """
 
 from __future__ import annotations
@@ -27,20 +28,18 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from contextlib import asynccontextmanager
-from functools import lru_cache
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, Response
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
-from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from prometheus_client import Counter, Histogram
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from events.bus import EventProducer, PublishError
-from events.models import SCHEMA_VERSION, event_to_bytes, parse_event
-from events.topics import CATALOG_ITEMS
+from events.contract import Rejected, validate_event
+from events.models import SCHEMA_VERSION, CatalogEvent, ItemFeaturesUpdated, event_to_bytes
+from events.topics import CATALOG_FEATURES, CATALOG_ITEMS
 
 log = logging.getLogger(__name__)
 
@@ -54,36 +53,31 @@ PLACEHOLDER_SECRETS = frozenset(
 MIN_SECRET_LEN = 32
 
 
-class HookSettings(BaseSettings):
-    """Env: ``TONGKUAN_HOOK_SECRET`` (required), ``TONGKUAN_ENVIRONMENT``, ``TONGKUAN_HOOK_*``."""
+class HookSettings(BaseModel):
+    """The upload hook (env ``TONGKUAN_HOOK__*``)."""
 
-    model_config = SettingsConfigDict(env_prefix="TONGKUAN_", extra="ignore")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    environment: Literal["development", "staging", "production"] = "production"
-    hook_secret: SecretStr
-    hook_replay_window_s: int = Field(default=300, ge=1, le=3600)
-    hook_max_body_bytes: int = Field(default=1024 * 1024, gt=0)
-    hook_max_events: int = Field(default=1000, ge=1)
-    # How long to wait for the bus to acknowledge before answering 503.
-    hook_publish_timeout_s: float = Field(default=10.0, gt=0)
-
-    @model_validator(mode="after")
-    def _refuse_placeholder_secret(self) -> HookSettings:
-        secret = self.hook_secret.get_secret_value()
-        weak = secret.lower() in PLACEHOLDER_SECRETS or len(secret) < MIN_SECRET_LEN
-        if weak and self.environment != "development":
-            raise ValueError(
-                f"TONGKUAN_HOOK_SECRET is a placeholder or shorter than {MIN_SECRET_LEN} characters; "
-                f"set a random secret (e.g. `openssl rand -hex 32`) or TONGKUAN_ENVIRONMENT=development"
-            )
-        if weak:
-            log.warning("hook secret is weak; acceptable only in development")
-        return self
+    secret: SecretStr = Field(description="HMAC-SHA256 key shared with the marketplace (required; "
+                              "32+ random characters outside development)")
+    replay_window_s: int = Field(default=300, ge=1, le=3600,
+                                 description="how far a request's timestamp may be from now, either way")
+    max_body_bytes: int = Field(default=1024 * 1024, gt=0, description="request body cap (413 above it)")
+    max_events: int = Field(default=1000, ge=1, description="events per request at most (413 above it)")
+    publish_timeout_s: float = Field(default=10.0, gt=0,
+                                     description="how long the bus may take to acknowledge before the hook answers 503")
 
 
-@lru_cache(maxsize=1)
-def _env_hook_settings() -> HookSettings:
-    return HookSettings()  # type: ignore[call-arg] - required values come from the environment
+def secret_problem(secret: str, environment: str) -> str | None:
+    """Why ``secret`` may not be used in ``environment`` (None: it may). Outside development a
+    placeholder (copied from an example) or a short secret is refused at start-up."""
+    weak = secret.lower() in PLACEHOLDER_SECRETS or len(secret) < MIN_SECRET_LEN
+    if weak and environment != "development":
+        return (f"TONGKUAN_HOOK__SECRET is a placeholder or shorter than {MIN_SECRET_LEN} characters; set a "
+                f"random secret (e.g. `openssl rand -hex 32`) or TONGKUAN_ENVIRONMENT=development")
+    if weak:
+        log.warning("hook secret is weak; acceptable only in development")
+    return None
 
 
 def sign(secret: str | bytes, timestamp: int | str, body: bytes) -> str:
@@ -109,7 +103,8 @@ def signed_headers(secret: str | bytes, body: bytes, timestamp: int | None = Non
 class Rejection(BaseModel):
     index: int
     item_id: str | None = None
-    reason: str
+    reason: str = Field(description="reason code: invalid_event, unknown_schema_version (events.contract)")
+    detail: str = Field(default="", description="which fields are wrong and why")
 
 
 class HookResponse(BaseModel):
@@ -135,7 +130,9 @@ HOOK_PUBLISH_SECONDS = Histogram(
 
 def get_hook_settings(request: Request) -> HookSettings:
     settings = getattr(request.app.state, "hook_settings", None)
-    return settings if settings is not None else _env_hook_settings()
+    if settings is None:
+        raise HTTPException(503, "the upload hook is not configured in this process")
+    return settings
 
 
 def get_producer(request: Request) -> EventProducer:
@@ -192,35 +189,26 @@ def verify_signature(
     return None
 
 
-def _reason(exc: ValidationError, raw: dict[str, Any]) -> str:
-    sv = raw.get("schema_version", SCHEMA_VERSION)
-    if sv != SCHEMA_VERSION:
-        return f"unsupported schema_version {sv!r}"
-    parts = []
-    for err in exc.errors()[:3]:
-        loc = ".".join(str(p) for p in err.get("loc", ()))
-        parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
-    return "; ".join(parts)
-
-
-def validate_events(items: Sequence[Any]) -> tuple[list, list[Rejection]]:
+def validate_events(items: Sequence[Any]) -> tuple[list[CatalogEvent], list[Rejection]]:
     valid, rejected = [], []
     for i, raw in enumerate(items):
-        if not isinstance(raw, dict):
-            rejected.append(Rejection(index=i, reason="event is not a JSON object"))
-            continue
-        item_id = raw.get("item_id") if isinstance(raw.get("item_id"), str) else None
-        try:
-            valid.append(parse_event(raw))
-        except ValidationError as e:
-            rejected.append(Rejection(index=i, item_id=item_id, reason=_reason(e, raw)))
+        result = validate_event(raw)
+        if isinstance(result, Rejected):
+            rejected.append(Rejection(index=i, item_id=result.item_id, reason=result.reason, detail=result.detail))
+        else:
+            valid.append(result)
     return valid, rejected
 
 
-def publish_events(producer: EventProducer, events: Sequence, timeout: float) -> None:
+def topic_for(event: CatalogEvent) -> str:
+    """State events go to the embedding workers, feature events to the feature platform."""
+    return CATALOG_FEATURES if isinstance(event, ItemFeaturesUpdated) else CATALOG_ITEMS
+
+
+def publish_events(producer: EventProducer, events: Sequence[CatalogEvent], timeout: float) -> None:
     headers = {"schema_version": str(SCHEMA_VERSION), "source": "hook"}
     for ev in events:
-        producer.publish(CATALOG_ITEMS, ev.item_id, event_to_bytes(ev), {**headers, "type": ev.type})
+        producer.publish(topic_for(ev), ev.item_id, event_to_bytes(ev), {**headers, "type": ev.type})
     producer.flush(timeout)
 
 
@@ -237,13 +225,13 @@ router = APIRouter()
     responses={400: {}, 401: {}, 413: {}, 422: {"model": HookResponse}, 503: {}},
 )
 async def catalog_hook(request: Request, settings: SettingsDep, producer: ProducerDep) -> Response:
-    body = await _read_capped(request, settings.hook_max_body_bytes)
+    body = await _read_capped(request, settings.max_body_bytes)
     problem = verify_signature(
-        settings.hook_secret.get_secret_value(),
+        settings.secret.get_secret_value(),
         request.headers.get(TIMESTAMP_HEADER),
         request.headers.get(SIGNATURE_HEADER),
         body,
-        settings.hook_replay_window_s,
+        settings.replay_window_s,
     )
     if problem:
         raise _fail(401, problem)
@@ -256,8 +244,8 @@ async def catalog_hook(request: Request, settings: SettingsDep, producer: Produc
         raise _fail(400, "body must be an event object or a list of events")
     if not items:
         raise _fail(400, "empty list of events")
-    if len(items) > settings.hook_max_events:
-        raise _fail(413, f"more than {settings.hook_max_events} events in one request")
+    if len(items) > settings.max_events:
+        raise _fail(413, f"more than {settings.max_events} events in one request")
 
     valid, rejected = validate_events(items)
     HOOK_EVENTS.labels("rejected").inc(len(rejected))
@@ -266,7 +254,7 @@ async def catalog_hook(request: Request, settings: SettingsDep, producer: Produc
         return JSONResponse(HookResponse(rejected=rejected).model_dump(), status_code=422)
     t0 = time.perf_counter()
     try:
-        await run_in_threadpool(publish_events, producer, valid, settings.hook_publish_timeout_s)
+        await run_in_threadpool(publish_events, producer, valid, settings.publish_timeout_s)
     except PublishError as e:
         log.warning("hook publish failed: %s", e)
         raise _fail(503, "event bus did not acknowledge; nothing was accepted, retry the request") from None
@@ -277,54 +265,15 @@ async def catalog_hook(request: Request, settings: SettingsDep, producer: Produc
     return JSONResponse(resp.model_dump(), status_code=202)
 
 
-ops_router = APIRouter()
-
-
-@ops_router.get("/healthz")
-def healthz() -> dict[str, str]:
-    return {"status": "ok"}
-
-
-@ops_router.get("/metrics")
-def metrics() -> Response:
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
-
-
-def create_app(producer: EventProducer | None = None, settings: HookSettings | None = None) -> FastAPI:
-    """The standalone hook service. Without ``producer``, a Kafka producer is built from
-    ``KafkaSettings`` at start-up and closed at shutdown. Settings are validated here, at start-up."""
-    hook_settings = settings or _env_hook_settings()
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        owned = None
-        if app.state.event_producer is None:
-            from events.kafka import make_producer
-
-            owned = app.state.event_producer = make_producer()
-        try:
-            yield
-        finally:
-            if owned is not None:
-                owned.close()
-
-    app = FastAPI(title="tongkuan catalog hook", lifespan=lifespan)
-    app.state.event_producer = producer
-    app.state.hook_settings = hook_settings
-    app.include_router(router)
-    app.include_router(ops_router)
-    return app
-
-
 __all__ = [
     "HookResponse",
     "HookSettings",
     "Rejection",
-    "create_app",
     "get_producer",
-    "ops_router",
     "router",
+    "secret_problem",
     "sign",
     "signed_headers",
+    "topic_for",
     "verify_signature",
 ]

@@ -21,8 +21,7 @@ from kafka import TopicPartition as KafkaTP
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 from kafka.structs import OffsetAndMetadata
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from events.bus import (
     EventConsumer,
@@ -38,30 +37,31 @@ from events.bus import (
 log = logging.getLogger(__name__)
 
 
-class KafkaSettings(BaseSettings):
-    """Env: ``TONGKUAN_KAFKA_BOOTSTRAP_SERVERS`` etc."""
+class KafkaSettings(BaseModel):
+    """The Kafka connection (env ``TONGKUAN_KAFKA__*``)."""
 
-    model_config = SettingsConfigDict(env_prefix="TONGKUAN_KAFKA_", extra="forbid")
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
-    bootstrap_servers: str = "127.0.0.1:9092"
-    client_id: str = "tongkuan"
+    bootstrap_servers: str = Field(default="127.0.0.1:9092", description="comma-separated host:port list")
+    client_id: str = Field(default="tongkuan", description="client id prefix (-producer, -consumer, -admin)")
     # Producer
-    enable_idempotence: bool = True
-    linger_ms: int = Field(default=5, ge=0)
-    delivery_timeout_ms: int = Field(default=30_000, gt=0)
-    request_timeout_ms: int = Field(default=10_000, gt=0)
-    max_request_size: int = Field(default=1024 * 1024, gt=0)
-    # Consumer
-    session_timeout_ms: int = Field(default=6_000, gt=0)
-    heartbeat_interval_ms: int = Field(default=1_000, gt=0)
+    enable_idempotence: bool = Field(default=True, description="idempotent producer (no broker-side duplicates)")
+    linger_ms: int = Field(default=5, ge=0, description="producer batching delay")
+    delivery_timeout_ms: int = Field(default=30_000, gt=0, description="give up on a record after this long")
+    request_timeout_ms: int = Field(default=10_000, gt=0, description="one broker request's timeout")
+    max_request_size: int = Field(default=1024 * 1024, gt=0, description="largest record batch the producer sends")
+    # Consumer: short group timeouts (see the module doc).
+    session_timeout_ms: int = Field(default=6_000, gt=0, description="group session timeout")
+    heartbeat_interval_ms: int = Field(default=1_000, gt=0, description="group heartbeat interval")
     # Upper bound between two polls; the dispatcher keeps polling (paused) while it waits on tasks.
-    max_poll_interval_ms: int = Field(default=300_000, gt=0)
-    auto_offset_reset: str = Field(default="earliest", pattern="^(earliest|latest)$")
+    max_poll_interval_ms: int = Field(default=300_000, gt=0, description="longest gap between two polls")
+    auto_offset_reset: str = Field(default="earliest", pattern="^(earliest|latest)$",
+                                   description="where a group without a committed offset starts")
     # How long the broker may hold a fetch that finds too little. 500 (Kafka's default) halved an
     # idle consumer's CPU against Tansu (44 -> 21 ms a second), but under a steady stream Tansu
     # holds fetches longer: publish -> poll at 70 records/s went from p50 28 / p90 49 ms to 130 /
     # 230 ms, and make bench-ingest's latency at half rate from p50 0.15 to 0.41 s.
-    fetch_max_wait_ms: int = Field(default=100, ge=0)
+    fetch_max_wait_ms: int = Field(default=100, ge=0, description="how long the broker may hold an empty fetch")
 
     @property
     def servers(self) -> list[str]:
@@ -73,8 +73,8 @@ def _tp(tp: TopicPartition) -> KafkaTP:
 
 
 class KafkaEventProducer(EventProducer):
-    def __init__(self, settings: KafkaSettings | None = None, **overrides: object) -> None:
-        s = settings or KafkaSettings()
+    def __init__(self, settings: KafkaSettings, **overrides: object) -> None:
+        s = settings
         config: dict[str, object] = dict(
             bootstrap_servers=s.servers,
             client_id=f"{s.client_id}-producer",
@@ -129,11 +129,11 @@ class KafkaEventConsumer(EventConsumer):
         self,
         topics: Iterable[str],
         group_id: str,
-        settings: KafkaSettings | None = None,
+        settings: KafkaSettings,
         assign: bool = False,
         **overrides: object,
     ) -> None:
-        s = settings or KafkaSettings()
+        s = settings
         config: dict[str, object] = dict(
             bootstrap_servers=s.servers,
             client_id=f"{s.client_id}-consumer",
@@ -221,13 +221,13 @@ def create_topics(settings: KafkaSettings, topics: Mapping[str, int]) -> list[st
         admin.close()
 
 
-def make_producer(settings: KafkaSettings | None = None) -> KafkaEventProducer:
+def make_producer(settings: KafkaSettings) -> KafkaEventProducer:
     """The producer factory the hook, the dispatcher (DLQ) and the bench use."""
     return KafkaEventProducer(settings)
 
 
 def make_consumer(
-    topics: Iterable[str], group_id: str, settings: KafkaSettings | None = None, assign: bool = False
+    topics: Iterable[str], group_id: str, settings: KafkaSettings, assign: bool = False
 ) -> KafkaEventConsumer:
     return KafkaEventConsumer(topics, group_id, settings, assign=assign)
 

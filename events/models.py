@@ -1,9 +1,12 @@
 """Catalog change events (schema version 1), as carried on Kafka and posted to the upload hook.
 
 Events are keyed by item id (one partition per item keeps per-item order on a healthy broker), and
-every event carries the item's monotonic ``version`` so that a late, older event never overwrites a
-newer state even when order is lost (retries, replays, a second producer).
+every state event carries the item's monotonic ``version`` so that a late, older event never
+overwrites a newer state even when order is lost (retries, replays, a second producer).
 Names are past tense: the marketplace says what happened, tongkuan decides what to do.
+
+Parsing, validation messages and coalescing live in ``events.contract``; this module only defines
+the shapes.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field
 
 from events.item import MAX_ID_LEN, CatalogItem
 
@@ -65,23 +68,17 @@ class ItemCounters(BaseModel):
 
 
 class ItemFeaturesUpdated(_Event):
-    """Behavioural counters for re-ranking; they go to the feature store, not the vector index."""
+    """Behavioural counters for re-ranking: they travel on ``catalog.features`` to the feature
+    platform, never to the embedding workers."""
 
     type: Literal["item_features_updated"] = "item_features_updated"
     counters: ItemCounters
 
 
-CatalogEvent = Annotated[ItemUpserted | ItemDeleted | ItemFeaturesUpdated, Field(discriminator="type")]
-_adapter: TypeAdapter[ItemUpserted | ItemDeleted | ItemFeaturesUpdated] = TypeAdapter(CatalogEvent)
+StateEvent = ItemUpserted | ItemDeleted
+CatalogEvent = ItemUpserted | ItemDeleted | ItemFeaturesUpdated
+AnyEvent = Annotated[CatalogEvent, Field(discriminator="type")]
 
 
-def parse_event(data: bytes | str | dict) -> ItemUpserted | ItemDeleted | ItemFeaturesUpdated:
-    """Parse and validate one event. Raises ``pydantic.ValidationError`` (or ``ValueError`` for bad
-    JSON); callers dead-letter those with the reason."""
-    if isinstance(data, dict):
-        return _adapter.validate_python(data)
-    return _adapter.validate_json(data)
-
-
-def event_to_bytes(event: ItemUpserted | ItemDeleted | ItemFeaturesUpdated) -> bytes:
+def event_to_bytes(event: CatalogEvent) -> bytes:
     return event.model_dump_json().encode()

@@ -1,16 +1,14 @@
 """Fixtures for the event bus tests.
 
-``tansu_broker`` (session scope) runs one real Tansu broker on a free loopback port for the whole
-test session; tests isolate themselves with their own topics (``new_topic``) and consumer groups.
-``bus`` runs a test over both bus implementations (in-memory and Kafka/Tansu), as the qdrant-client
-congruence tests do.
+``bus`` runs a test over both bus implementations (in-memory and Kafka on the session's Tansu
+broker, ``tests/conftest.py``), as the qdrant-client congruence tests do; tests isolate themselves
+with their own topics (``new_topic``) and consumer groups.
 """
 
 from __future__ import annotations
 
 import itertools
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,23 +16,6 @@ import pytest
 
 from events.bus import EventConsumer, EventProducer, InMemoryBus
 from events.kafka import KafkaEventConsumer, KafkaEventProducer, KafkaSettings, create_topics
-from infra.tansu import TansuBroker
-
-# Group joins on Tansu take about half the session timeout: keep it short in tests.
-TEST_KAFKA = dict(session_timeout_ms=3000, heartbeat_interval_ms=500, request_timeout_ms=5000)
-
-
-@pytest.fixture(scope="session")
-def tansu_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TansuBroker]:
-    log_path = tmp_path_factory.mktemp("tansu") / "tansu.log"
-    with TansuBroker(log_path=log_path) as broker:
-        yield broker
-
-
-@pytest.fixture(scope="session")
-def kafka_settings(tansu_broker: TansuBroker) -> KafkaSettings:
-    return tansu_broker.kafka_settings(**TEST_KAFKA)
-
 
 _counter = itertools.count()
 

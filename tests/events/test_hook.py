@@ -7,12 +7,13 @@ import time
 import warnings
 
 import pytest
+from fastapi import FastAPI
 from pydantic import ValidationError
 
 from events.bus import EventProducer, InMemoryBus, PublishError
-from events.hook import HookSettings, create_app, sign, signed_headers, verify_signature
-from events.models import parse_event
-from events.topics import CATALOG_ITEMS
+from events.contract import parse_record
+from events.hook import HookSettings, router, secret_problem, sign, signed_headers, verify_signature
+from events.topics import CATALOG_FEATURES, CATALOG_ITEMS
 from tests.events.conftest import drain, unique
 
 with warnings.catch_warnings():
@@ -24,7 +25,16 @@ SECRET = "s" * 40
 
 
 def _settings(**kw) -> HookSettings:
-    return HookSettings(hook_secret=SECRET, environment="production", **kw)
+    return HookSettings(secret=SECRET, **kw)
+
+
+def create_app(producer: EventProducer, settings: HookSettings) -> FastAPI:
+    """The hook router mounted as any app mounts it (``tongkuan.api`` does the same)."""
+    app = FastAPI()
+    app.state.event_producer = producer
+    app.state.hook_settings = settings
+    app.include_router(router)
+    return app
 
 
 def upsert(item_id: str, version: int = 1, **kw) -> dict:
@@ -46,7 +56,7 @@ def mem() -> InMemoryBus:
 
 @pytest.fixture
 def client(mem: InMemoryBus):
-    with TestClient(create_app(producer=mem.producer(), settings=_settings(hook_max_body_bytes=4096))) as c:
+    with TestClient(create_app(producer=mem.producer(), settings=_settings(max_body_bytes=4096))) as c:
         yield c
 
 
@@ -61,7 +71,7 @@ def test_accepts_one_event_and_publishes_it_keyed_by_item(client: TestClient, me
     assert r.json() == {"accepted": ["a1"], "rejected": []}
     (rec,) = mem.records(CATALOG_ITEMS)
     assert rec.key == b"a1" and rec.header("type") == b"item_upserted"
-    assert parse_event(rec.value).version == 3
+    assert parse_record(rec.value).version == 3
 
 
 def test_batch_with_some_invalid_is_202_with_reasons(client: TestClient, mem: InMemoryBus) -> None:
@@ -78,8 +88,11 @@ def test_batch_with_some_invalid_is_202_with_reasons(client: TestClient, mem: In
     assert body["accepted"] == ["a1", "a3"]
     reasons = {x["index"]: x for x in body["rejected"]}
     assert set(reasons) == {1, 3, 4}
-    assert "schema_version" in reasons[1]["reason"] and reasons[1]["item_id"] == "a2"
-    assert "version" in reasons[4]["reason"]
+    assert reasons[1]["reason"] == "unknown_schema_version" and reasons[1]["item_id"] == "a2"
+    assert "schema_version 2" in reasons[1]["detail"]
+    assert reasons[3] == {"index": 3, "item_id": None, "reason": "invalid_event",
+                          "detail": "expected a JSON object, got str"}
+    assert reasons[4]["reason"] == "invalid_event" and reasons[4]["detail"].startswith("item_upserted.version")
     assert [r.key for r in mem.records(CATALOG_ITEMS)] == [b"a1", b"a3"] or len(
         mem.records(CATALOG_ITEMS)
     ) == 2
@@ -165,11 +178,14 @@ def test_publish_failure_is_503_and_claims_nothing() -> None:
     assert "accepted" not in r.json()
 
 
-def test_healthz_and_metrics(client: TestClient) -> None:
-    assert client.get("/healthz").json() == {"status": "ok"}
-    post(client, upsert("a1"))
-    text = client.get("/metrics").text
-    assert 'tongkuan_hook_events_total{outcome="accepted"}' in text
+def test_feature_events_go_to_their_own_topic(client: TestClient, mem: InMemoryBus) -> None:
+    features = {"type": "item_features_updated", "item_id": "a1", "counters": {"clicks": 3}}
+    r = post(client, [upsert("a1"), features])
+    assert r.status_code == 202 and r.json()["accepted"] == ["a1", "a1"]
+    assert [rec.value for rec in mem.records(CATALOG_ITEMS)] != [] and all(
+        parse_record(rec.value).type != "item_features_updated" for rec in mem.records(CATALOG_ITEMS))
+    (rec,) = mem.records(CATALOG_FEATURES)
+    assert rec.key == b"a1" and parse_record(rec.value).counters.clicks == 3
 
 
 def test_sign_matches_the_documented_scheme() -> None:
@@ -182,16 +198,14 @@ def test_sign_matches_the_documented_scheme() -> None:
 
 @pytest.mark.parametrize("secret", ["changethis", "short-but-not-placeholder"])
 def test_placeholder_or_short_secret_refused_outside_development(secret: str) -> None:
-    with pytest.raises(ValidationError, match="TONGKUAN_HOOK_SECRET"):
-        HookSettings(hook_secret=secret, environment="production")
-    assert (
-        HookSettings(hook_secret=secret, environment="development").hook_secret.get_secret_value() == secret
-    )
+    assert "TONGKUAN_HOOK__SECRET" in secret_problem(secret, "production")
+    assert "TONGKUAN_HOOK__SECRET" in secret_problem(secret, "staging")
+    assert secret_problem(secret, "development") is None
+    assert secret_problem(SECRET, "production") is None
 
 
-def test_secret_is_required(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("TONGKUAN_HOOK_SECRET", raising=False)
-    with pytest.raises(ValidationError):
+def test_secret_is_required() -> None:
+    with pytest.raises(ValidationError, match="secret"):
         HookSettings()
 
 
@@ -216,4 +230,4 @@ def test_hook_to_kafka_end_to_end(kafka_settings) -> None:
         while len(ours) < 2 and time.monotonic() < deadline:
             ours += [r for r in drain(consumer, 50, timeout=1) if r.key.decode().startswith(prefix)]
     assert sorted(r.key.decode() for r in ours) == [f"{prefix}-1", f"{prefix}-2"]
-    assert {parse_event(r.value).item_id for r in ours} == {f"{prefix}-1", f"{prefix}-2"}
+    assert {parse_record(r.value).item_id for r in ours} == {f"{prefix}-1", f"{prefix}-2"}
