@@ -18,6 +18,7 @@ switches a stable alias to this collection atomically (blue/green model switches
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
@@ -57,7 +58,7 @@ class QdrantIndex(GuardedIndex):
     ``replication_factor``/``write_consistency_factor`` apply to a new collection (and to each new
     shard key); ``shards_per_key`` is the Qdrant shard count per category. ``quantization``:
     ``"int8"`` (scalar) or ``"binary"``, searched with ``rescore``/``oversampling``.
-    ``owns_client``: close the client in ``close()`` (the factory's own clients).
+    ``on_close``: called once when the index closes (the factory releases its shared client).
     """
 
     def __init__(
@@ -77,7 +78,7 @@ class QdrantIndex(GuardedIndex):
         rescore: bool = True,
         oversampling: float = 2.0,
         on_disk: bool = False,
-        owns_client: bool = False,
+        on_close: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(dim)
         local = is_local_client(client)
@@ -91,7 +92,7 @@ class QdrantIndex(GuardedIndex):
         self.collection = collection
         self.use_shard_keys = use_shard_keys
         self._local = local
-        self._owns_client = owns_client
+        self._on_close = on_close
         self._shards_per_key = shards_per_key
         self._replication_factor = replication_factor
         self._search_params = qm.SearchParams(
@@ -331,8 +332,8 @@ class QdrantIndex(GuardedIndex):
             if self._closed:
                 return
             self._closed = True
-            if self._owns_client:
-                self.client.close()
+            if self._on_close is not None:
+                self._on_close()
 
     # ---- aliases (blue/green model switches) --------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""ONNX Runtime session for an exported embedder graph (see ``vision.export`` for its inputs/outputs).
+"""ONNX Runtime session for an exported embedder graph (``vision.graph`` names its inputs and outputs).
 
 CUDA is used when this onnxruntime build offers it (``onnxruntime-gpu``), CPU otherwise. One session
 per process, kept resident; ``threads`` sets ORT's intra-op threads (0 = ORT's default, all cores).
@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from vision.export import INPUT_NAME, OUTPUT_COARSE, OUTPUT_EMBEDDING, OUTPUT_FEATURES
+from vision.graph import INPUT_NAME, OUTPUT_COARSE, OUTPUT_EMBEDDING, OUTPUT_FEATURES
 from vision.preprocess import Preprocess, preprocess
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,3 @@ class OnnxEmbedder:
         for i in range(0, len(images), batch_size):
             out[i : i + batch_size] = self.run(preprocess(images[i : i + batch_size], cfg), features=False)[1]
         return out
-
-    def embed_image(self, image: Image.Image, cfg: Preprocess) -> np.ndarray:
-        return self.embed_images([image], cfg)[0]

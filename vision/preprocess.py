@@ -11,7 +11,7 @@ photos and better retrieval than torchvision's mean/std, so it is the default.
 
 Resize: ``squash`` (resize to size x size, aspect not kept) keeps the whole product in frame; the
 shop photos are square anyway. ``center_crop`` (shorter side to size, then centre crop) is available.
-Sides must be multiples of 32 (see ``vision.backbone``: static TF-SAME padding is exact only then).
+Sides must be multiples of 32 (see ``offline.training.backbone``: static TF-SAME padding is exact only then).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ stored with every indexed vector so that queries never mix models.
 
 Checksums. The ImageNet model is exported from pinned torch/onnx with the legacy TorchScript exporter,
 which we measured to be byte-deterministic (two exports, two processes: same sha256). A different
-torch/onnx build may still serialise differently, so ``vision.export`` does not trust a committed hash
+torch/onnx build may still serialise differently, so ``offline.training.imagenet`` does not trust a committed hash
 blindly: it builds, hashes what it built and records that hash in the entry (printing loudly when it
 changes, because the model_id changes and existing indexes must be rebuilt). Loading always verifies
 the file against the entry and refuses a missing or mismatched file with a "run `make model`" error.
@@ -23,7 +23,7 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -102,9 +102,6 @@ class ModelEntry:
             notes=d.get("notes", ""),
             classes={k: list(v) for k, v in d.get("classes", {}).items()},
         )
-
-    def with_sha(self, sha256: str) -> ModelEntry:
-        return replace(self, sha256=sha256)
 
 
 def sha256_file(path: Path) -> str:

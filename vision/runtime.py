@@ -8,7 +8,7 @@
 Everything that decides what a vector means (pooling, input size, scales, crop policy) comes from the
 model's registry entry, so ``model_id`` (stored with every indexed vector) pins it. Query regions:
 the main region first, then (when the main one is a crop) the full image, then other candidates.
-Scoring a product by the max similarity over the query's vectors is what ``vision.tune`` measured as
+Scoring a product by the max similarity over the query's vectors is what ``offline.tune`` measured as
 ``query=full+crop``.
 """
 
@@ -111,7 +111,7 @@ class VisionPipeline:
 
     @classmethod
     def from_settings(cls, settings, *, localizer: Localizer | None = None) -> VisionPipeline:
-        """``settings``: ``tongkuan.settings.Settings`` (model_dir, model, ort_threads)."""
+        """``settings``: ``vision.settings.RuntimeSettings`` (model_dir, model, ort_threads, ort_spinning)."""
         return cls.from_registry(
             settings.model_dir, settings.model, threads=settings.ort_threads, localizer=localizer,
             spinning=settings.ort_spinning,
@@ -158,8 +158,8 @@ class VisionPipeline:
         entry's ``crop.catalog`` is ``saliency``.
 
         With several scales the main object is found at each scale (on that scale's feature map)
-        and that crop is embedded at that scale — exactly what ``vision.tune`` measured; localizing
-        once at the first scale only cost ~0.02 R@1 on val (``vision.evaluate``)."""
+        and that crop is embedded at that scale — exactly what ``offline.tune`` measured; localizing
+        once at the first scale only cost ~0.02 R@1 on val (vision/README.md)."""
         self.stage_timer.reset_last()
         if self.entry.crop.catalog == "none":
             with self.stage_timer.stage("embed"):
@@ -267,7 +267,3 @@ class VisionPipeline:
             category_probs = {names[i]: float(probs[i]) for i in range(min(len(names), len(probs)))}
         return QueryEmbedding(vectors=vectors, regions=regions, model_id=self.model_id,
                               category_probs=category_probs)
-
-    def stage_durations(self) -> dict[str, float]:
-        """Alias of ``timings`` (seconds per stage of the last call), for benchmarks."""
-        return self.timings

@@ -1,5 +1,6 @@
-"""``VectorIndex.scan`` over every backend, and ``index.generations``: the serving pointer (Edge
-file, Qdrant alias), transitions, and ``ServingHolder``'s one-generation-per-query guarantee."""
+"""``VectorIndex.scan`` over every backend, and the generations: the serving pointer (Edge file,
+Qdrant alias), transitions, ``ServingHolder``'s one-generation-per-query guarantee and its background
+refresh, and ``WriteTargets``' cached fan-out."""
 
 from __future__ import annotations
 
@@ -10,17 +11,12 @@ import numpy as np
 import pytest
 
 from index.base import IndexBackendError, IndexPoint
-from index.generations import (
-    POINTER_FILE,
-    GenerationError,
-    GenerationManager,
-    acquire_index,
-    collection_for,
-    generation_dir,
-    release_index,
-    write_targets,
-)
-from tongkuan.settings import Settings
+from index.factory import collection_for, generation_dir, open_index
+from index.generations import GenerationManager
+from index.serving import ServingHolder
+from index.settings import EdgeIndexSettings, QdrantIndexSettings
+from index.state import POINTER_FILE, GenerationError
+from index.targets import WriteTargets
 
 DIM = 16
 
@@ -73,13 +69,13 @@ class RecordingRegistry:
 
 
 @pytest.fixture
-def settings(tmp_path) -> Settings:
-    return Settings(data_dir=tmp_path / "var", model_dir=tmp_path / "models")
+def settings(tmp_path) -> EdgeIndexSettings:
+    return EdgeIndexSettings(dir=tmp_path / "var" / "index")
 
 
 def test_edge_pointer_transitions_and_atomic_file(settings) -> None:
     reg = RecordingRegistry()
-    mgr = GenerationManager(settings, registry=reg)
+    mgr = GenerationManager(settings, activator=reg)
     assert mgr.serving() is None and mgr.write_targets() == []
     with pytest.raises(GenerationError):
         mgr.begin("b@1", name="b", dim=8)  # nothing serves yet
@@ -88,9 +84,9 @@ def test_edge_pointer_transitions_and_atomic_file(settings) -> None:
     with pytest.raises(GenerationError):
         mgr.begin("c@1", name="c", dim=8)  # one build at a time
     assert (mgr.serving(), mgr.building()) == ("a@1", "b@1")
-    assert write_targets(settings) == ["a@1", "b@1"]
+    assert GenerationManager(settings).write_targets() == ["a@1", "b@1"]
 
-    pointer = settings.index_dir / POINTER_FILE
+    pointer = settings.dir / POINTER_FILE
     on_disk = json.loads(pointer.read_text())
     assert on_disk["serving"] == "a@1" and on_disk["building"] == "b@1"
     assert on_disk["generations"]["b@1"] == {"name": "b", "dim": 8}
@@ -99,8 +95,8 @@ def test_edge_pointer_transitions_and_atomic_file(settings) -> None:
     assert (mgr.serving(), mgr.building(), mgr.previous()) == ("b@1", None, "a@1")
     assert reg.active == ["b"]
     assert json.loads(pointer.read_text())["serving"] == "b@1"
-    assert [p.name for p in settings.index_dir.iterdir()] == [POINTER_FILE]  # no temp files left
-    assert GenerationManager(settings, registry=None).serving() == "b@1"  # another process's view
+    assert [p.name for p in settings.dir.iterdir()] == [POINTER_FILE]  # no temp files left
+    assert GenerationManager(settings).serving() == "b@1"  # another process's view
     assert mgr.write_targets() == ["b@1", "a@1"]  # previous is kept fresh for rollback
 
     with pytest.raises(GenerationError):
@@ -108,9 +104,9 @@ def test_edge_pointer_transitions_and_atomic_file(settings) -> None:
     mgr.rollback()
     assert (mgr.serving(), mgr.previous()) == ("a@1", "b@1") and reg.active == ["b", "a"]
 
-    ix = acquire_index(settings, 8, model_id="b@1")
+    ix = open_index(settings, 8, model_id="b@1")
     ix.upsert([IndexPoint("x", "s", np.ones(8, np.float32), {}, 1)])
-    release_index(settings, ix)
+    ix.close()
     assert generation_dir(settings, "b@1").exists()
     mgr.drop_generation("b@1")
     assert not generation_dir(settings, "b@1").exists()
@@ -125,7 +121,7 @@ def test_edge_pointer_transitions_and_atomic_file(settings) -> None:
 
 def test_pointer_replace_is_atomic_under_concurrent_readers(settings) -> None:
     """Readers polling the pointer during many switches always parse a whole file naming A or B."""
-    mgr = GenerationManager(settings, registry=None)
+    mgr = GenerationManager(settings)
     mgr.adopt("a@1", name="a", dim=4)
     mgr.begin("b@1", name="b", dim=4)
     seen: set[str] = set()
@@ -133,7 +129,7 @@ def test_pointer_replace_is_atomic_under_concurrent_readers(settings) -> None:
     stop = threading.Event()
 
     def reader() -> None:
-        other = GenerationManager(settings, registry=None)
+        other = GenerationManager(settings)
         while not stop.is_set():
             try:
                 seen.add(other.serving() or "none")
@@ -162,7 +158,7 @@ class TaggedPipeline:
 
 
 def test_query_during_switch_uses_one_consistent_pair(settings) -> None:
-    mgr = GenerationManager(settings, registry=None)
+    mgr = GenerationManager(settings)
     mgr.adopt("a@1", name="a", dim=16)
     mgr.begin("b@1", name="b", dim=8)
     rng = np.random.default_rng(0)
@@ -170,7 +166,8 @@ def test_query_during_switch_uses_one_consistent_pair(settings) -> None:
         with mgr.opened(model_id) as ix:
             ix.upsert([IndexPoint(f"i{k}", "s", unit(rng, 1, dim)[0], {"gen": model_id}, 1) for k in range(5)])
     pipes = {"a": TaggedPipeline("a@1", 16), "b": TaggedPipeline("b@1", 8)}
-    holder = mgr.open_serving(lambda name: pipes[name])
+    holder = ServingHolder(mgr, lambda name: pipes[name])
+    holder.refresh()
 
     in_query, release = threading.Event(), threading.Event()
     result: dict[str, object] = {}
@@ -206,9 +203,8 @@ def test_query_during_switch_uses_one_consistent_pair(settings) -> None:
 
 
 def test_qdrant_memory_alias_switch_and_rollback(tmp_path) -> None:
-    s = Settings(data_dir=tmp_path, model_dir=tmp_path / "m", index_backend="qdrant", qdrant_url=":memory:",
-                 qdrant_collection="shop")
-    mgr = GenerationManager(s, registry=None)
+    s = QdrantIndexSettings(url=":memory:", collection="shop")
+    mgr = GenerationManager(s)
     try:
         rng = np.random.default_rng(1)
         mgr.adopt("a@1", name="a", dim=16)
@@ -216,7 +212,7 @@ def test_qdrant_memory_alias_switch_and_rollback(tmp_path) -> None:
         for model_id, dim in (("a@1", 16), ("b@1", 8)):
             with mgr.opened(model_id) as ix:
                 ix.upsert([IndexPoint("x", "s", unit(rng, 1, dim)[0], {"gen": model_id}, 1)])
-        client = mgr._store.client
+        client = mgr.store.client
         alias_target = {a.alias_name: a.collection_name for a in client.get_aliases().aliases}
         assert alias_target["shop"] == collection_for(s, "a@1")
         # Clients querying the alias see only the serving generation's vectors.
@@ -236,5 +232,113 @@ def test_qdrant_memory_alias_switch_and_rollback(tmp_path) -> None:
         assert mgr.serving() == "a@1"
         mgr.drop_generation("b@1")
         assert not client.collection_exists(collection_for(s, "b@1"))
+    finally:
+        mgr.close()
+
+
+# --- the background refresh: a request never waits for a model load --------------------------------
+
+
+def test_serving_follows_a_switch_in_the_background_while_queries_go_on(settings) -> None:
+    import time
+
+    mgr = GenerationManager(settings)
+    mgr.adopt("a@1", name="a", dim=8)
+    mgr.begin("b@1", name="b", dim=8)
+    loading = threading.Event()
+
+    def factory(name: str) -> TaggedPipeline:
+        if name == "b":
+            loading.set()
+            time.sleep(0.6)  # a slow model load
+        return TaggedPipeline(f"{name}@1", 8)
+
+    holder = ServingHolder(mgr, factory)
+    holder.refresh()
+    holder.start_refresher(0.05)
+    mgr.switch("b@1")
+    assert loading.wait(5)
+    t0 = time.perf_counter()
+    with holder.use() as h:  # during the load: the old pair serves at once
+        assert h.model_id == "a@1"
+    assert time.perf_counter() - t0 < 0.1
+    deadline = time.monotonic() + 5
+    while holder.model_id != "b@1" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert holder.model_id == "b@1" and holder.last_error is None
+    holder.close()
+    mgr.close()
+
+
+def test_a_failed_refresh_keeps_the_old_pair_serving(settings) -> None:
+    import time
+
+    mgr = GenerationManager(settings)
+    mgr.adopt("a@1", name="a", dim=8)
+    mgr.begin("b@1", name="b", dim=8)
+
+    def factory(name: str) -> TaggedPipeline:
+        if name == "b":
+            raise FileNotFoundError("b.onnx is missing")
+        return TaggedPipeline("a@1", 8)
+
+    holder = ServingHolder(mgr, factory)
+    holder.refresh()
+    holder.start_refresher(0.02)
+    mgr.switch("b@1")
+    deadline = time.monotonic() + 5
+    while holder.last_error is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert "b.onnx is missing" in holder.last_error
+    with holder.use() as h:
+        assert h.model_id == "a@1"
+    holder.close()
+    mgr.close()
+
+
+# --- write targets: cached, refreshed when the state changes ----------------------------------------
+
+
+def test_write_targets_follow_the_state_without_rereading_it_per_batch(settings) -> None:
+    mgr = GenerationManager(settings)
+    mgr.adopt("a@1", name="a", dim=8)
+    targets = WriteTargets(mgr)
+    first = targets.current()
+    assert [(t.model_id, t.role, t.required) for t in first] == [("a@1", "serving", True)]
+    reads = []
+    real_state = mgr.state
+    mgr.state = lambda: reads.append(1) or real_state()
+    for _ in range(20):
+        assert [t.model_id for t in targets.current()] == ["a@1"]
+    assert reads == [] and targets.refreshes == 1  # one stat per call, no state read
+
+    mgr.state = real_state
+    GenerationManager(settings).begin("b@1", name="b", dim=8)  # another process begins a build
+    now = targets.current()
+    assert [(t.model_id, t.role, t.required) for t in now] == [("a@1", "serving", True), ("b@1", "building", True)]
+    assert now[0].index is first[0].index  # the serving index is kept open, not reopened
+    GenerationManager(settings).switch("b@1")
+    assert [(t.model_id, t.role, t.required) for t in targets.current()] == [
+        ("b@1", "serving", True), ("a@1", "previous", False)]
+    GenerationManager(settings).drop_generation("a@1")
+    assert [t.model_id for t in targets.current()] == ["b@1"]
+    targets.close()
+    mgr.close()
+
+
+def test_write_targets_on_qdrant_reread_on_a_timer(tmp_path) -> None:
+    import time
+
+    s = QdrantIndexSettings(url=":memory:", collection="wt")
+    mgr = GenerationManager(s)
+    try:
+        mgr.adopt("a@1", name="a", dim=8)
+        targets = WriteTargets(mgr, recheck_s=0.2)
+        assert [t.model_id for t in targets.current()] == ["a@1"]
+        mgr.begin("b@1", name="b", dim=8)
+        assert [t.model_id for t in targets.current()] == ["a@1"]  # not re-read yet
+        time.sleep(0.25)
+        assert [t.model_id for t in targets.current()] == ["a@1", "b@1"]
+        targets.close()
     finally:
         mgr.close()

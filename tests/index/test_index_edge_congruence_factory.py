@@ -13,7 +13,7 @@ from index.base import IndexBackendError, IndexPoint
 from index.edge import EdgeIndex, shard_dir_name
 from index.factory import model_slug, open_index
 from index.qdrant import QdrantIndex
-from tongkuan.settings import Settings
+from index.settings import EdgeIndexSettings, QdrantIndexSettings
 
 
 def unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
@@ -134,7 +134,7 @@ def test_congruence_edge_vs_qdrant_local(tmp_path) -> None:
 
 
 def test_open_index_edge_keeps_models_apart(tmp_path) -> None:
-    settings = Settings(data_dir=tmp_path, index_backend="edge")
+    settings = EdgeIndexSettings(dir=tmp_path / "index")
     v = unit(np.random.default_rng(6), 1, 8)[0]
     with open_index(settings, 8, model_id="effnet-lite0@v1") as ix:
         ix.upsert([IndexPoint("a", "shoes", v)])
@@ -145,7 +145,7 @@ def test_open_index_edge_keeps_models_apart(tmp_path) -> None:
     with pytest.raises(IndexBackendError, match="8-d"):
         open_index(settings, 12, model_id="effnet-lite0@v1")
     assert model_slug("a/b") != model_slug("a:b")
-    assert sorted(p.name for p in settings.index_dir.iterdir()) == sorted(
+    assert sorted(p.name for p in settings.dir.iterdir()) == sorted(
         f"model-{model_slug(m)}" for m in ("effnet-lite0@v1", "effnet-lite0@v2")
     )
     with pytest.raises(IndexBackendError):
@@ -153,16 +153,20 @@ def test_open_index_edge_keeps_models_apart(tmp_path) -> None:
 
 
 def test_open_index_qdrant(tmp_path) -> None:
-    with pytest.raises(IndexBackendError, match="QDRANT_URL"):
-        open_index(Settings(data_dir=tmp_path, index_backend="qdrant"), 8, model_id="m")
-    settings = Settings(data_dir=tmp_path, index_backend="qdrant", qdrant_url=":memory:")
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="url"):
+        QdrantIndexSettings()
+    settings = QdrantIndexSettings(url=":memory:")
     ix = open_index(settings, 8, model_id="m")
-    assert isinstance(ix, QdrantIndex) and not ix.use_shard_keys
+    assert isinstance(ix.shared, QdrantIndex) and not ix.use_shard_keys
     assert ix.collection == f"tongkuan__{model_slug('m')}"
     ix.point_alias("tongkuan")
     assert ix.aliases() == ["tongkuan"]
     ix.point_alias("tongkuan")  # re-pointing is idempotent
     assert ix.aliases() == ["tongkuan"]
+    with open_index(settings, 8, model_id="m") as again:  # one shared index per process
+        assert again.shared is ix.shared
     with pytest.raises(IndexBackendError):
         QdrantIndex(ix.client, ix.collection, 9)
     with pytest.raises(IndexBackendError):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from vision.backbone import LiteBackbone
+from offline.training.backbone import LiteBackbone
 from vision.preprocess import Preprocess, preprocess
 
 
@@ -85,12 +85,12 @@ def test_catalog_tensors_split_the_catalog_embedding_exactly(model_dir, pipeline
     """The shipped (uncropped) model: pre-processing + the model run as two steps gives the same
     vectors as ``embed_images`` and ``embed_catalog``; a cropping entry (the ImageNet model crops
     catalog images with the model's own feature map) offers no tensors."""
-    from tongkuan.settings import Settings
     from vision.registry import ModelRegistry
     from vision.runtime import VisionPipeline
+    from vision.settings import RuntimeSettings
 
     shipped = VisionPipeline.from_settings(
-        Settings(model_dir=model_dir, model=ModelRegistry(model_dir).active, ort_threads=2))
+        RuntimeSettings(model_dir=model_dir, model=ModelRegistry(model_dir).active, ort_threads=2))
     assert shipped.entry.crop.catalog == "none"
     images = real_images * 2
     reference = shipped.embed_images(images)

@@ -5,10 +5,10 @@ from dataclasses import replace
 
 import pytest
 
-from tongkuan.settings import Settings
-from vision.export import IMAGENET_MODEL, build_imagenet_model
+from offline.training.imagenet import IMAGENET_MODEL, build_imagenet_model
 from vision.registry import ModelNotAvailable, ModelRegistry, sha256_file
 from vision.runtime import VisionPipeline
+from vision.settings import RuntimeSettings
 
 
 def _fake(tmp_path, name="m1", content=b"onnx-bytes"):
@@ -48,7 +48,7 @@ def test_missing_or_mismatched_file_says_run_make_model(tmp_path):
         reg.resolve()
     (tmp_path / "a.onnx").unlink()
     with pytest.raises(ModelNotAvailable, match="missing.*make model"):
-        VisionPipeline.from_settings(Settings(model_dir=tmp_path))
+        VisionPipeline.from_settings(RuntimeSettings(model_dir=tmp_path))
     with pytest.raises(ModelNotAvailable, match="not registered"):
         reg.get("zzz")
 
