@@ -1,4 +1,5 @@
-"""The local stack for ``make up`` / ``make down``: Tansu broker, Celery worker, dispatcher, API.
+"""The local stack for ``make up`` / ``make down``: Tansu broker, Celery worker, dispatcher, the
+feature-event consumer, API.
 
     python -m infra.stack start|stop|status [--api-port 8000] [--worker-metrics-port 9102] ...
 
@@ -16,7 +17,6 @@ flight so both stay fed.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import secrets
 import signal
@@ -31,8 +31,7 @@ import httpx
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 STATE_DIR = REPO_ROOT / "var" / "stack"
-# The API app factory: tongkuan.api when it exists, else the upload hook alone.
-API_APPS = ("tongkuan.api:create_app", "events.hook:create_app")
+SERVICE_NAMES = ("worker", "dispatcher", "features", "api")  # started in this order, stopped in reverse
 
 
 @dataclass
@@ -122,47 +121,46 @@ def stop_pid_file(name: str, pid_file: Path, grace: float) -> None:
     pid_file.unlink(missing_ok=True)
 
 
-def api_app() -> str:
-    for ref in API_APPS:
-        if importlib.util.find_spec(ref.split(":")[0]) is not None:
-            return ref
-    raise RuntimeError("no API app factory found")
-
-
 def services(a: argparse.Namespace, bootstrap: str, hook_secret: str) -> list[Service]:
     py = sys.executable
     common = {
-        "TONGKUAN_KAFKA_BOOTSTRAP_SERVERS": bootstrap,
-        "TONGKUAN_BROKER_URL": a.broker_url,
-        "TONGKUAN_INDEX_BACKEND": "edge",
+        "TONGKUAN_ENVIRONMENT": "development",
+        "TONGKUAN_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
+        "TONGKUAN_CELERY__BROKER_URL": a.broker_url,
+        "TONGKUAN_INDEX__BACKEND": "edge",
     }
     return [
         Service("worker",
-                [py, "-m", "celery", "-A", "workers.celery_app", "worker", f"--pool={a.worker_pool}",
+                [py, "-m", "celery", "-A", "tongkuan.worker", "worker", f"--pool={a.worker_pool}",
                  f"--concurrency={a.worker_concurrency}", "--loglevel=INFO", "--without-gossip", "--without-mingle"],
                 f"http://127.0.0.1:{a.worker_metrics_port}/metrics",
-                {**common, "TONGKUAN_WORKER_POOL": a.worker_pool,
-                 "TONGKUAN_WORKER_CONCURRENCY": str(a.worker_concurrency),
-                 "TONGKUAN_INGEST_PROCESSES": str(a.ingest_processes),
-                 "TONGKUAN_METRICS_PORT": str(a.worker_metrics_port), "TONGKUAN_METRICS_ADDR": "127.0.0.1"}),
-        Service("dispatcher", [py, "-m", "workers.dispatcher"],
+                {**common, "TONGKUAN_WORKER__POOL": a.worker_pool,
+                 "TONGKUAN_WORKER__CONCURRENCY": str(a.worker_concurrency),
+                 "TONGKUAN_WORKER__INGEST_PROCESSES": str(a.ingest_processes),
+                 "TONGKUAN_WORKER__METRICS_PORT": str(a.worker_metrics_port),
+                 "TONGKUAN_WORKER__METRICS_ADDR": "127.0.0.1"}),
+        Service("dispatcher", [py, "-m", "tongkuan.dispatcher"],
                 f"http://127.0.0.1:{a.dispatcher_metrics_port}/metrics",
-                {**common, "TONGKUAN_DISPATCHER_METRICS_PORT": str(a.dispatcher_metrics_port),
-                 "TONGKUAN_DISPATCHER_MAX_IN_FLIGHT": str(a.max_in_flight),
-                 "TONGKUAN_DISPATCHER_METRICS_ADDR": "127.0.0.1"}),
+                {**common, "TONGKUAN_DISPATCHER__METRICS_PORT": str(a.dispatcher_metrics_port),
+                 "TONGKUAN_DISPATCHER__MAX_IN_FLIGHT": str(a.max_in_flight),
+                 "TONGKUAN_DISPATCHER__METRICS_ADDR": "127.0.0.1"}),
+        Service("features", [py, "-m", "tongkuan.features"], f"http://127.0.0.1:{a.features_metrics_port}/metrics",
+                {**common, "TONGKUAN_FEATURES__PATH": str(a.state / "features" / "events.jsonl"),
+                 "TONGKUAN_FEATURES__METRICS_PORT": str(a.features_metrics_port)}),
         Service("api",
-                [py, "-m", "uvicorn", "--factory", api_app(), "--host", "127.0.0.1", "--port", str(a.api_port)],
+                [py, "-m", "uvicorn", "--factory", "tongkuan.api:create_app", "--host", "127.0.0.1",
+                 "--port", str(a.api_port)],
                 f"http://127.0.0.1:{a.api_port}/healthz",
-                {**common, "TONGKUAN_HOOK_SECRET": hook_secret, "TONGKUAN_ENVIRONMENT": "development",
+                {**common, "TONGKUAN_HOOK__SECRET": hook_secret,
                  # The embedded index belongs to the worker (one process per Edge index).
-                 "TONGKUAN_SERVE_SEARCH": "false"}),
+                 "TONGKUAN_API__SERVE_SEARCH": "false"}),
     ]
 
 
 def hook_secret(state: Path) -> str:
-    """TONGKUAN_HOOK_SECRET if set, else one generated for this checkout (var/stack/hook_secret)."""
-    if os.environ.get("TONGKUAN_HOOK_SECRET"):
-        return os.environ["TONGKUAN_HOOK_SECRET"]
+    """TONGKUAN_HOOK__SECRET if set, else one generated for this checkout (var/stack/hook_secret)."""
+    if os.environ.get("TONGKUAN_HOOK__SECRET"):
+        return os.environ["TONGKUAN_HOOK__SECRET"]
     path = state / "hook_secret"
     if not path.exists():
         path.write_text(secrets.token_hex(32))
@@ -209,7 +207,7 @@ def cmd_start(a: argparse.Namespace) -> int:
 
 
 def cmd_stop(a: argparse.Namespace) -> int:
-    for name in ("api", "dispatcher", "worker"):  # producers first, the index owner last
+    for name in reversed(SERVICE_NAMES):  # producers first, the index owner last
         stop_pid_file(name, a.state / f"{name}.pid", a.grace)
     tansu("stop", a.state)
     return 0
@@ -235,10 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m infra.stack", description="local tongkuan stack")
     ap.add_argument("action", choices=["start", "stop", "status"])
     ap.add_argument("--state", type=Path, default=STATE_DIR)
-    ap.add_argument("--broker-url", default=os.environ.get("TONGKUAN_BROKER_URL", "redis://127.0.0.1:6379/0"))
+    ap.add_argument("--broker-url", default=os.environ.get("TONGKUAN_CELERY__BROKER_URL", "redis://127.0.0.1:6379/0"))
     ap.add_argument("--api-port", type=int, default=8000)
     ap.add_argument("--worker-metrics-port", type=int, default=9102)
     ap.add_argument("--dispatcher-metrics-port", type=int, default=9103)
+    ap.add_argument("--features-metrics-port", type=int, default=9104)
     ap.add_argument("--worker-pool", choices=("threads", "solo"), default="threads")
     ap.add_argument("--worker-concurrency", type=int, default=2, help="tasks at once (threads pool)")
     ap.add_argument("--ingest-processes", type=int, default=2,

@@ -25,7 +25,7 @@ router = APIRouter(prefix="/v1", tags=["query"])
 def get_searcher(request: Request) -> Searcher:
     searcher = getattr(request.app.state, "searcher", None)
     if searcher is None:
-        raise HTTPException(503, "search is not served by this process (TONGKUAN_SERVE_SEARCH=false: "
+        raise HTTPException(503, "search is not served by this process (TONGKUAN_API__SERVE_SEARCH=false: "
                                  "the embedded index belongs to the ingest worker; use the Qdrant backend)")
     return searcher
 

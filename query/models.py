@@ -5,12 +5,6 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 
 
-class SearchRequest(BaseModel):
-    limit: int = Field(default=10, ge=1, le=100)
-    max_objects: int = Field(default=1, ge=1, le=5, description="products searched per photo, main first")
-    shards: list[str] | None = Field(default=None, description="restrict to these top-level categories")
-
-
 class SearchHit(BaseModel):
     item_id: str
     score: float

@@ -20,6 +20,7 @@ from index.base import VectorIndex
 from query.category import DEFAULT_K, CategoryPrediction, predict_category
 from query.metrics import QUERY_ERRORS, QUERY_STAGE_SECONDS
 from query.models import CategoryOut, ObjectResult, SearchHit, SearchResponse
+from query.settings import SearchSettings
 from vision.decode import ImageError, decode_image
 
 
@@ -63,6 +64,14 @@ class Searcher:
         self.max_image_bytes = max_image_bytes
         self.max_image_pixels = max_image_pixels
 
+    @classmethod
+    def from_settings(cls, index: VectorIndex, embedder: QueryEmbedder, search: SearchSettings, *,
+                      max_image_bytes: int = 20 * 1024 * 1024, max_image_pixels: int = 40_000_000,
+                      reranker: Reranker | None = None) -> Searcher:
+        return cls(index, embedder, candidate_k=search.candidate_k, category_k=search.category_k,
+                   shard_min_confidence=search.shard_min_confidence, classifier_weight=search.classifier_weight,
+                   reranker=reranker, max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels)
+
     # -- entry points -------------------------------------------------------------------------
     def search_bytes(self, data: bytes, **kw) -> SearchResponse:
         t0 = time.perf_counter()
@@ -88,7 +97,7 @@ class Searcher:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         # One extra region: when the main product is a crop, the full photo comes next and both
-        # views score the main product (max similarity; +1.4 to +4 points R@1 on val, vision.tune).
+        # views score the main product (max similarity; +1.4 to +4 points R@1 on val, offline.tune).
         views = 1 if getattr(self.embedder, "crops_queries", True) else 0
         q = self.embedder.embed_query(image, max_regions=max_objects + views)
         stages = getattr(self.embedder, "timings", None) or {"localize+embed": time.perf_counter() - t0}

@@ -1,4 +1,10 @@
-"""``tongkuan`` command line: ingest, search, delete, similar, stats, eval, demo, model."""
+"""``tongkuan`` command line: ingest, search, delete, similar, stats, reembed.
+
+Every command runs in this process on the configured index (``tongkuan.config.ToolConfig``): it
+writes to the generations that catalog writes must reach and searches the serving one, as the
+worker and the API do. The offline tools (training, evaluation, benchmarks, drills, catalog
+hygiene, the demo) are ``python -m offline <tool>``.
+"""
 
 from __future__ import annotations
 
@@ -6,56 +12,90 @@ import argparse
 import json
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from tongkuan.settings import DEFAULT_DATA, REPO_ROOT, Settings
+from tongkuan.config import ConfigError, ToolConfig, load
 
 
-def _open(settings: Settings):
-    from index.factory import open_index
+@contextmanager
+def worker_runtime(cfg: ToolConfig) -> Iterator:
+    """A worker runtime in this process (dead letters: printed by the caller, kept in memory)."""
+    from events.bus import InMemoryBus
+    from vision.registry import ModelRegistry
+    from workers.runtime import build_runtime
+
+    rt = build_runtime(worker=cfg.worker, runtime=cfg.runtime, image=cfg.image, index=cfg.index, fetch=cfg.fetch,
+                       dead_letters=InMemoryBus().producer(),
+                       activator=ModelRegistry(cfg.runtime.model_dir) if cfg.worker.embedder == "onnx" else None)
+    try:
+        yield rt
+    finally:
+        rt.close()
+
+
+@contextmanager
+def serving(cfg: ToolConfig) -> Iterator:
+    """(searcher, index) of the serving generation."""
+    from index.generations import GenerationManager
+    from index.serving import ServingHolder
+    from query.searcher import Searcher
+    from vision.registry import ModelRegistry
     from vision.runtime import VisionPipeline
 
-    vision = VisionPipeline.from_settings(settings)
-    return vision, open_index(settings, vision.dim, model_id=vision.model_id)
+    registry = ModelRegistry(cfg.runtime.model_dir)
+    with GenerationManager(cfg.index, activator=registry) as mgr:
+        entry, _ = registry.resolve(cfg.runtime.model)
+        mgr.ensure_serving(entry.model_id, name=entry.name, dim=entry.dim)
+        holder = ServingHolder(mgr, lambda name: VisionPipeline.from_settings(
+            cfg.runtime.model_copy(update={"model": name})))
+        holder.refresh()
+        try:
+            with holder.use() as h:
+                yield Searcher.from_settings(h.index, h.pipeline, cfg.search, max_image_bytes=cfg.image.max_bytes,
+                                             max_image_pixels=cfg.image.max_pixels), h.index
+        finally:
+            holder.close()
 
 
-def cmd_ingest(args, settings: Settings) -> int:
+def cmd_ingest(args, cfg: ToolConfig) -> int:
     from tqdm import tqdm
 
+    from events.contract import latest_items
+    from events.item import ItemFailure
     from workers.catalog import read_catalog
-    from workers.fetch import ImageFetcher
-    from workers.pipeline import ingest_stream
-    from workers.tasks import limit_blas_threads
+    from workers.pipeline import IngestReport, ingest
 
-    limit_blas_threads()  # the cores are the model's, as in the worker
-    vision, index = _open(settings)
     rows = list(read_catalog(args.catalog))
-    bar = tqdm(total=len(rows), desc="ingest", unit="item", disable=args.quiet)
-    with index:
-        report = ingest_stream(
-            rows, index=index, embedder=vision, fetcher=ImageFetcher.from_settings(settings),
-            max_pixels=settings.max_image_pixels, batch_size=args.batch_size or settings.ingest_batch_size,
-            on_batch=lambda part, n: bar.update(n),
-        )
-        bar.close()
-        total = index.count()
+    bad = [r for r in rows if isinstance(r, ItemFailure)]
+    items = latest_items(r for r in rows if not isinstance(r, ItemFailure))
+    batch = args.batch_size or cfg.worker.ingest_batch_size
+    report = IngestReport(failures=list(bad))
+    with worker_runtime(cfg) as rt, tqdm(total=len(rows), desc="ingest", unit="item", disable=args.quiet) as bar:
+        bar.update(len(bad))
+        targets = rt.targets.current()
+        for i in range(0, len(items), batch):
+            part = ingest(items[i: i + batch], targets=targets, embedding=rt.embedding, batch_size=batch)
+            report.merge(part)
+            bar.update(len(items[i: i + batch]))
+        for t in targets:
+            t.index.optimize()
+            t.index.flush()
+        total = targets[0].index.count()
+        model = targets[0].model_id
     print(f"indexed {len(report.indexed)}, stale {len(report.stale)}, failed {len(report.failures)}, "
-          f"near/exact duplicates linked {len(report.duplicates)}; index now holds {total} items "
-          f"(model {vision.model_id})")
+          f"near/exact duplicates linked {len(report.duplicates)}; index now holds {total} items (model {model})")
     for f in report.failures:
         print(f"  FAILED {f.item_id}: {f.reason}: {f.detail}")
     return 0 if len(report.failures) < len(rows) or not rows else 1
 
 
-def cmd_search(args, settings: Settings) -> int:
-    from query.searcher import Searcher
+def cmd_search(args, cfg: ToolConfig) -> int:
     from vision.decode import ImageError
 
-    vision, index = _open(settings)
-    with index:
-        searcher = Searcher(index, vision, max_image_bytes=settings.max_image_bytes,
-                            max_image_pixels=settings.max_image_pixels)
-        status = 0
+    status = 0
+    with serving(cfg) as (searcher, _index):
         for image in args.images:
             try:
                 data = Path(image).read_bytes()
@@ -77,23 +117,21 @@ def cmd_search(args, settings: Settings) -> int:
     return status
 
 
-def cmd_delete(args, settings: Settings) -> int:
-    from workers.pipeline import delete_items
+def cmd_delete(args, cfg: ToolConfig) -> int:
+    from workers.pipeline import delete
 
-    vision, index = _open(settings)
-    with index:
-        rep = delete_items(args.item_ids, index=index)
+    with worker_runtime(cfg) as rt:
+        rep = delete(args.item_ids, targets=rt.targets.current())
     print(f"deleted {len(rep.deleted)}: {rep.deleted}")
     return 0
 
 
-def cmd_similar(args, settings: Settings) -> int:
-    from query.searcher import Searcher, UnknownItemError
+def cmd_similar(args, cfg: ToolConfig) -> int:
+    from query.searcher import UnknownItemError
 
-    vision, index = _open(settings)
-    with index:
+    with serving(cfg) as (searcher, _index):
         try:
-            hits = Searcher(index, vision).similar_items(args.item_id, limit=args.limit)
+            hits = searcher.similar_items(args.item_id, limit=args.limit)
         except UnknownItemError:
             print(f"unknown item id: {args.item_id}", file=sys.stderr)
             return 2
@@ -102,37 +140,43 @@ def cmd_similar(args, settings: Settings) -> int:
     return 0
 
 
-def cmd_stats(args, settings: Settings) -> int:
-    vision, index = _open(settings)
-    with index:
-        print(json.dumps({"model_id": vision.model_id, "total": index.count(),
+def cmd_stats(args, cfg: ToolConfig) -> int:
+    with serving(cfg) as (searcher, index):
+        print(json.dumps({"model_id": searcher.embedder.model_id, "total": index.count(),
                           "shards": {s: index.count(s) for s in index.shards()}}, indent=2))
     return 0
 
 
-def cmd_eval(args, settings: Settings) -> int:
-    from tongkuan.datasets import DatasetError
-    from tongkuan.evaluate import evaluate, format_table
+def cmd_reembed(args, cfg: ToolConfig) -> int:
+    from workers.reembed import reembed
 
-    try:
-        metrics = evaluate(args.data, args.split, settings=settings, out_dir=args.out,
-                           progress=not args.quiet, photo_to_photo=not args.no_photo_to_photo)
-    except DatasetError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_table(metrics))
-    print(f"wrote {Path(args.out) / f'eval-{args.split}.json'} and .png")
-    return 0
+    with worker_runtime(cfg) as rt:
+        mgr = rt.manager
+        if args.status:
+            print(json.dumps(mgr.state().to_dict(), indent=1))
+            return 0
+        if args.rollback:
+            print(json.dumps(mgr.rollback().to_dict(), indent=1))
+            return 0
+        if args.drop:
+            print(json.dumps(mgr.drop_generation(args.drop).to_dict(), indent=1))
+            return 0
+        if args.abort:
+            print(json.dumps(mgr.abort().to_dict(), indent=1))
+            return 0
+        app = None
+        if args.celery:
+            from workers.celery_app import celery_config, create_app
 
-
-def cmd_demo(args, settings: Settings) -> int:
-    from tongkuan.demo import run_demo
-
-    return run_demo(args.data, settings=settings, n_queries=args.queries)
+            app = create_app(celery_config(cfg.celery), tasks=False)
+        rep = reembed(rt, args.model, app=app, allow_missing=args.allow_missing, switch=not args.no_switch,
+                      batch=args.batch or None)
+    print(json.dumps(rep.summary(), indent=1))
+    return 0 if rep.switched or args.no_switch and not rep.missing else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tongkuan", description=__doc__)
+    p = argparse.ArgumentParser(prog="tongkuan", description=__doc__.split("\n\n")[0])
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -161,50 +205,32 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("stats", help="index size per shard")
     s.set_defaults(func=cmd_stats)
 
-    s = sub.add_parser("eval", help="Recall@K / mAP / category accuracy on a GroceryStore-layout dataset")
-    s.add_argument("--data", default=str(DEFAULT_DATA))
-    s.add_argument("--split", default="val")
-    s.add_argument("--out", default=str(REPO_ROOT / "reports"))
-    s.add_argument("--no-photo-to-photo", action="store_true")
-    s.add_argument("--quiet", action="store_true")
-    s.set_defaults(func=cmd_eval)
-
-    sub.add_parser("train", help="fine-tune the embedding on catalog labels (tongkuan train --help)")
-    sub.add_parser("reembed", help="blue/green re-embedding into another model's index generation "
-                   "(tongkuan reembed --help)")
-    sub.add_parser("hygiene", help="catalog hygiene reports: dupes | denoise | merge (tongkuan hygiene --help)")
-
-    s = sub.add_parser("demo", help="ingest the grocery catalog, search val photos, print metrics")
-    s.add_argument("--data", default=str(DEFAULT_DATA))
-    s.add_argument("--queries", type=int, default=6)
-    s.set_defaults(func=cmd_demo)
+    s = sub.add_parser("reembed", help="blue/green re-embedding into another model's index generation")
+    what = s.add_mutually_exclusive_group(required=True)
+    what.add_argument("--model", help="registry name of the model to re-embed the catalog with")
+    what.add_argument("--status", action="store_true", help="print the generation state")
+    what.add_argument("--rollback", action="store_true", help="switch back to the previous generation")
+    what.add_argument("--drop", metavar="MODEL_ID", help="delete a generation (not serving/building)")
+    what.add_argument("--abort", action="store_true", help="stop building (data kept until --drop)")
+    s.add_argument("--celery", action="store_true", help="run batches as tongkuan.reembed_batch tasks on the workers")
+    s.add_argument("--allow-missing", type=int, default=0, help="switch even if this many ids are missing")
+    s.add_argument("--no-switch", action="store_true", help="build and verify, but do not switch")
+    s.add_argument("--batch", type=int, default=0, help="items per page/task (default: ingest batch size)")
+    s.set_defaults(func=cmd_reembed)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["hygiene"]:  # its own parser, options included (--help too)
-        from workers.hygiene.__main__ import main as hygiene_main
-
-        return hygiene_main(argv[1:])
-    if argv[:1] == ["train"]:  # same-product fine-tuning (torch), exported + registered
-        from vision.training.train import main as train_main
-
-        return train_main(argv[1:])
-    if argv[:1] == ["reembed"]:  # blue/green: re-embed into a new generation, switch atomically
-        from workers.reembed import main as reembed_main
-
-        return reembed_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        settings = Settings()
-    except Exception as e:  # pydantic ValidationError: print it plainly
-        print(f"invalid settings: {e}", file=sys.stderr)
+        cfg = load(ToolConfig)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
         return 2
     try:
-        return args.func(args, settings)
+        return args.func(args, cfg)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

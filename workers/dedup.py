@@ -75,9 +75,3 @@ def dhash64(image: Image.Image) -> int:
 
 def dhash_hex(image: Image.Image) -> str:
     return f"{dhash64(image):016x}"
-
-
-def hamming(a: int | str, b: int | str) -> int:
-    ai = int(a, 16) if isinstance(a, str) else a
-    bi = int(b, 16) if isinstance(b, str) else b
-    return (ai ^ bi).bit_count()

@@ -3,12 +3,14 @@
 A pipeline of up to ``max_in_flight`` batches, in a single thread:
 
 1. **Gather**: poll up to ``max_batch`` records, waiting at most ``max_wait_ms`` after the first.
-2. **Parse**: a record that is not JSON, has an unknown ``schema_version`` or is not a valid event is
-   dead-lettered to ``catalog.items.dlq`` at once (original bytes + reason headers).
-3. **Coalesce** per item: of the upserts/deletes for one item the highest ``version`` wins (a delete
-   with a higher version beats an upsert; equal versions: the later record in the log wins); of the
-   feature updates for one item the latest ``event_time`` wins (counters are snapshots).
-4. **Send** the events as ``tongkuan.apply_catalog_events`` tasks (one list of event dicts each,
+2. **Parse** (``events.contract.parse_record``): a record that is not JSON, has an unknown
+   ``schema_version`` or is not a valid event is dead-lettered to ``catalog.items.dlq`` at once
+   (an ``events.deadletter`` envelope: original bytes, reason, source offset). A feature event
+   found here (an older producer) is forwarded to ``catalog.features``: the embedding workers never
+   see feature events.
+3. **Coalesce** per item (``events.contract.coalesce``, the contract's one tie rule: the higher
+   version wins, at an equal version a delete wins).
+4. **Send** the events as ``tongkuan.apply_catalog_events`` tasks (``events.contract.encode_task``,
    at most ``task_chunk`` events per task, the tasks of a batch of near-equal size so that they
    finish together). After coalescing an item appears once per batch, so the chunks
    of one batch may run in parallel without reordering an item's events. A batch is sent while
@@ -21,7 +23,7 @@ A pipeline of up to ``max_in_flight`` batches, in a single thread:
    are dropped, and the same records are re-fetched and re-sent after a backoff — a batch is never
    skipped. Tasks are idempotent (point ids from item ids, version-guarded writes), so re-sending
    (also of a dropped batch whose tasks ran anyway) is harmless.
-6. **Commit** the next offset per partition, after the DLQ publishes are flushed; batches complete
+6. **Commit** the next offset per partition, after dead letters and forwards are flushed; batches complete
    in log order, so a commit never passes an unfinished batch.
 
 Delivery is at least once: a crash between 4 and 6 re-sends the batch after restart.
@@ -38,161 +40,43 @@ against the hook's ``tongkuan_hook_events_total{outcome="accepted"}`` gives an e
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Protocol
+from typing import Any
 
-from prometheus_client import Counter, Gauge, Histogram
-from pydantic import Field, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
-
-from events.bus import EventConsumer, EventProducer, PublishError, Record, TopicPartition, dead_letter
-from events.models import SCHEMA_VERSION, ItemDeleted, ItemFeaturesUpdated, ItemUpserted, parse_event
-from events.topics import CATALOG_ITEMS, CATALOG_ITEMS_DLQ
+from events.bus import EventConsumer, EventProducer, PublishError, Record, TopicPartition
+from events.contract import Rejected, Source, Sourced, coalesce, encode_task, parse_record
+from events.deadletter import DeadLetter, publish
+from events.models import ItemFeaturesUpdated
+from workers.dispatcher_metrics import (
+    BATCH_EVENTS,
+    BATCH_RECORDS,
+    BATCH_RETRIES,
+    BATCH_SECONDS,
+    COALESCED,
+    COMMIT_SECONDS,
+    COMMITS,
+    DEAD_LETTERS,
+    EVENTS,
+    FORWARDED,
+    LAG,
+    RECORDS_COMMITTED,
+    TASK_FAILURES,
+)
+from workers.settings import DispatcherSettings
+from workers.task_queue import TaskSender
 
 log = logging.getLogger(__name__)
 
-TASK_NAME = "tongkuan.apply_catalog_events"
-CatalogEvent = ItemUpserted | ItemDeleted | ItemFeaturesUpdated
-
-
-class DispatcherSettings(BaseSettings):
-    """Env: ``TONGKUAN_DISPATCHER_*``. Kafka connection: ``events.kafka.KafkaSettings``."""
-
-    model_config = SettingsConfigDict(env_prefix="TONGKUAN_DISPATCHER_", extra="forbid")
-
-    group_id: str = "tongkuan-dispatcher"
-    topic: str = CATALOG_ITEMS
-    dlq_topic: str = CATALOG_ITEMS_DLQ
-    # A batch closes at max_batch records or max_wait_ms after its first record.
-    max_batch: int = Field(default=64, ge=1, le=10_000)
-    max_wait_ms: int = Field(default=200, ge=0)
-    # Events per Celery task at most; a batch becomes ceil(events / task_chunk) tasks of near-equal
-    # size, run in parallel.
-    task_chunk: int = Field(default=64, ge=1)
-    # Batches whose tasks may be queued or running at once. 2 keeps the worker busy while the
-    # dispatcher commits one batch and gathers the next (make bench-ingest); an item is never in
-    # two in-flight batches (a batch touching an in-flight item waits), so one writer per item.
-    max_in_flight: int = Field(default=2, ge=1, le=16)
-    # A task not done by then fails its batch (re-sent). Must exceed a worker's longest batch,
-    # including its own retries, or work is duplicated (harmless but wasted).
-    task_timeout_s: float = Field(default=300.0, gt=0)
-    # While every in-flight slot is taken: check the oldest batch's tasks every tick_s, and poll the
-    # (paused) consumer only every keepalive_poll_s (see ``Dispatcher._tick``).
-    tick_s: float = Field(default=0.05, gt=0, le=1.0)
-    keepalive_poll_s: float = Field(default=1.0, gt=0, le=60.0)
-    retry_backoff_s: float = Field(default=0.5, gt=0)
-    retry_backoff_max_s: float = Field(default=30.0, gt=0)
-    # On SIGTERM: how long the in-flight batch may still finish (and be committed) before it is
-    # abandoned uncommitted (redelivered to the next dispatcher).
-    shutdown_grace_s: float = Field(default=5.0, ge=0)
-    dlq_flush_timeout_s: float = Field(default=10.0, gt=0)
-    # /metrics via prometheus_client.start_http_server; 0 = off. (Workers use 9102.)
-    metrics_port: int = Field(default=9103, ge=0, le=65535)
-    metrics_addr: str = "127.0.0.1"
-
 
 # --------------------------------------------------------------------------------------------------
-# Task sending: a protocol (fakes in tests) and the Celery implementation
-
-
-class TaskHandle(Protocol):
-    def ready(self) -> bool: ...
-
-    def get(self, timeout: float) -> dict[str, Any]:
-        """The task's result; raises if the task failed or is not done within ``timeout``."""
-        ...
-
-
-class TaskSender(Protocol):
-    def send(self, events: list[dict[str, Any]]) -> TaskHandle: ...
-
-
-class _CeleryHandle:
-    def __init__(self, result: Any) -> None:
-        self._result = result
-
-    def ready(self) -> bool:
-        return bool(self._result.ready())
-
-    def get(self, timeout: float) -> dict[str, Any]:
-        try:
-            return self._result.get(timeout=timeout, propagate=True, disable_sync_subtasks=False)
-        finally:
-            if self._result.ready():
-                self._result.forget()  # the dispatcher was its only reader; free the backend key
-
-
-class CelerySender:
-    """Sends ``tongkuan.apply_catalog_events`` by name on the given Celery app (routing and queue
-    come from the app's ``task_routes``). The app needs a result backend: the dispatcher waits."""
-
-    def __init__(self, celery_app: Any, task_name: str = TASK_NAME, queue: str | None = None) -> None:
-        self.app = celery_app
-        self.task_name = task_name
-        self.queue = queue
-
-    def send(self, events: list[dict[str, Any]]) -> TaskHandle:
-        options = {"queue": self.queue} if self.queue else {}
-        # argsrepr: the message header's printable args (for monitoring); Celery's default is a
-        # safe repr of all the events, a third of send_task's CPU for a task of 64 events.
-        return _CeleryHandle(self.app.send_task(self.task_name, args=[events], argsrepr=f"[<{len(events)} events>]",
-                                                kwargsrepr="{}", **options))
-
-
-# --------------------------------------------------------------------------------------------------
-# Metrics (registered once per process)
-
-_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
-BATCH_RECORDS = Histogram("tongkuan_dispatcher_batch_records", "records per batch", buckets=_BATCH_BUCKETS)
-BATCH_EVENTS = Histogram(
-    "tongkuan_dispatcher_batch_events", "events per batch after coalescing", buckets=_BATCH_BUCKETS
-)
-EVENTS = Counter("tongkuan_dispatcher_events_total", "records consumed by event type", ["type"])
-COALESCED = Counter("tongkuan_dispatcher_coalesced_total", "events dropped by per-item coalescing")
-DEAD_LETTERS = Counter(
-    "tongkuan_dispatcher_dead_letters_total",
-    "dead letters by reason; stage=dispatcher (published here) or task (reported by the task)",
-    ["reason", "stage"],
-)
-TASK_FAILURES = Counter("tongkuan_dispatcher_task_failures_total", "failed task attempts", ["kind"])
-BATCH_RETRIES = Counter("tongkuan_dispatcher_batch_retries_total", "batches rewound and re-sent")
-COMMITS = Counter("tongkuan_dispatcher_commits_total", "offset commits by outcome", ["outcome"])
-RECORDS_COMMITTED = Counter(
-    "tongkuan_dispatcher_records_committed_total", "records whose offsets were committed"
-)
-COMMIT_SECONDS = Histogram(
-    "tongkuan_dispatcher_commit_seconds",
-    "offset commit call latency",
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
-)
-BATCH_SECONDS = Histogram(
-    "tongkuan_dispatcher_batch_seconds",
-    "first record fetched → offsets committed",
-    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
-)
-LAG = Gauge(
-    "tongkuan_dispatcher_lag_records",
-    "fetch-response high watermark − committed offset (correct on Kafka and Tansu; see module doc)",
-    ["topic", "partition"],
-)
-
-
-# --------------------------------------------------------------------------------------------------
-# Parsing and coalescing (pure functions)
-
-
-@dataclass(frozen=True)
-class Rejected:
-    reason: str  # malformed_json | unknown_schema_version | invalid_event | empty_record
-    detail: str
+# Batches
 
 
 def split_evenly(events: list, most: int) -> list[list]:
@@ -201,51 +85,6 @@ def split_evenly(events: list, most: int) -> list[list]:
     together instead of leaving a worker thread idle behind the longer one."""
     k = -(-len(events) // most)
     return [events[i * len(events) // k : (i + 1) * len(events) // k] for i in range(k)]
-
-
-def parse_record(value: bytes | None) -> CatalogEvent | Rejected:
-    if not value:
-        return Rejected("empty_record", "record has no value")
-    try:
-        raw = json.loads(value)
-    except (ValueError, UnicodeDecodeError) as e:
-        return Rejected("malformed_json", str(e)[:200])
-    if not isinstance(raw, dict):
-        return Rejected("invalid_event", f"expected a JSON object, got {type(raw).__name__}")
-    sv = raw.get("schema_version", SCHEMA_VERSION)
-    if sv != SCHEMA_VERSION:
-        return Rejected(
-            "unknown_schema_version", f"schema_version {sv!r} (this dispatcher reads {SCHEMA_VERSION})"
-        )
-    try:
-        return parse_event(raw)
-    except ValidationError as e:
-        errs = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()[:3])
-        return Rejected("invalid_event", errs[:500])
-
-
-def coalesce(events: Sequence[CatalogEvent]) -> list[CatalogEvent]:
-    """One state event (upsert/delete) and one features event per item, in first-seen order.
-
-    ``events`` are in log order; an equal version/time keeps the later one.
-    """
-    state: dict[str, ItemUpserted | ItemDeleted] = {}
-    features: dict[str, ItemFeaturesUpdated] = {}
-    order: list[tuple[str, str]] = []
-    for ev in events:
-        if isinstance(ev, ItemFeaturesUpdated):
-            cur_f = features.get(ev.item_id)
-            if cur_f is None:
-                order.append(("f", ev.item_id))
-            if cur_f is None or ev.event_time >= cur_f.event_time:
-                features[ev.item_id] = ev
-        else:
-            cur = state.get(ev.item_id)
-            if cur is None:
-                order.append(("s", ev.item_id))
-            if cur is None or ev.version >= cur.version:
-                state[ev.item_id] = ev
-    return [state[i] if kind == "s" else features[i] for kind, i in order]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -278,19 +117,20 @@ class Dispatcher:
         self,
         consumer: EventConsumer,
         sender: TaskSender,
-        dlq: EventProducer,
+        producer: EventProducer,
         settings: DispatcherSettings | None = None,
         sleep: Callable[[float], None] | None = None,
     ) -> None:
+        """``producer`` publishes dead letters and forwarded feature events."""
         self.consumer = consumer
         self.sender = sender
-        self.dlq = dlq
+        self.producer = producer
         self.settings = settings or DispatcherSettings()
         self.stop_event = threading.Event()
         self._backoff = self.settings.retry_backoff_s
-        # (tp, offset) already dead-lettered and flushed but not yet committed: a rewound batch
-        # does not dead-letter them twice.
-        self._dead_lettered: set[tuple[TopicPartition, int]] = set()
+        # (tp, offset) already dead-lettered or forwarded, flushed but not yet committed: a rewound
+        # batch does not publish them twice.
+        self._published: set[tuple[TopicPartition, int]] = set()
         self._committed: dict[TopicPartition, int] = {}
         self._sleep = sleep
         self._inflight: list[_Batch] = []  # sent, oldest first
@@ -369,35 +209,43 @@ class Dispatcher:
         return records
 
     def _prepare(self, records: list[Record]) -> _Batch | BatchResult:
-        """Parse, dead-letter the invalid records (flushed), coalesce."""
+        """Parse; dead-letter the invalid records and forward the feature events (flushed); coalesce."""
         s = self.settings
-        events: list[CatalogEvent] = []
+        events: list[Sourced] = []
         dead: dict[str, int] = {}
         for rec in records:
             parsed = parse_record(rec.value)
+            first_time = (rec.tp, rec.offset) not in self._published
             if isinstance(parsed, Rejected):
                 EVENTS.labels("invalid").inc()
-                if (rec.tp, rec.offset) not in self._dead_lettered:
-                    dead_letter(self.dlq, s.dlq_topic, rec, parsed.reason, parsed.detail, stage="dispatcher")
-                    self._dead_lettered.add((rec.tp, rec.offset))
+                if first_time:
+                    letter = DeadLetter.of_record(rec, reason=parsed.reason, detail=parsed.detail, stage="dispatcher",
+                                                  item_id=parsed.item_id)
+                    publish(self.producer, s.dlq_topic, [letter])
+                    self._published.add((rec.tp, rec.offset))
                     DEAD_LETTERS.labels(parsed.reason, "dispatcher").inc()
                 dead[parsed.reason] = dead.get(parsed.reason, 0) + 1
                 continue
             EVENTS.labels(parsed.type).inc()
-            events.append(parsed)
-        # Dead letters first: if the DLQ is down, nothing is committed and the batch is retried.
+            if isinstance(parsed, ItemFeaturesUpdated):
+                if first_time:
+                    self.producer.publish(s.features_topic, rec.key, rec.value or b"", rec.headers)
+                    self._published.add((rec.tp, rec.offset))
+                    FORWARDED.inc()
+                continue
+            events.append(Sourced(parsed, rec.value or b"", Source(rec.topic, rec.partition, rec.offset)))
+        # Published first: if the bus is down, nothing is committed and the batch is retried.
         try:
-            self.dlq.flush(s.dlq_flush_timeout_s)
+            self.producer.flush(s.dlq_flush_timeout_s)
         except PublishError as e:
-            log.warning("DLQ publish failed, batch will be retried: %s", e)
-            self._dead_lettered.difference_update((r.tp, r.offset) for r in records)
-            return BatchResult(len(records), 0, dead, ok=False, error=f"dlq: {e}")
-        batch = coalesce(events)
+            log.warning("dead letters / forwards not acknowledged, batch will be retried: %s", e)
+            self._published.difference_update((r.tp, r.offset) for r in records)
+            return BatchResult(len(records), 0, dead, ok=False, error=f"publish: {e}")
+        batch = coalesce(events, lambda x: x.event)
         COALESCED.inc(len(events) - len(batch))
         BATCH_RECORDS.observe(len(records))
         BATCH_EVENTS.observe(len(batch))
-        return _Batch(records, [ev.model_dump(mode="json") for ev in batch], dead,
-                      frozenset(ev.item_id for ev in batch))
+        return _Batch(records, encode_task(batch), dead, frozenset(x.event.item_id for x in batch))
 
     def _start(self) -> BatchResult | None:
         """Gather a batch (unless one waits already) and send it when no in-flight batch shares an
@@ -461,7 +309,7 @@ class Dispatcher:
         BATCH_SECONDS.observe(time.monotonic() - batch.gathered_at)
         self._inflight.pop(0)
         self._committed.update(offsets)
-        self._dead_lettered = {(tp, o) for tp, o in self._dead_lettered if o >= self._committed.get(tp, 0)}
+        self._published = {(tp, o) for tp, o in self._published if o >= self._committed.get(tp, 0)}
         self._update_lag([])
         self._backoff = s.retry_backoff_s
         return BatchResult(len(batch.records), len(batch.events), batch.dead, offsets)
@@ -547,60 +395,4 @@ class Dispatcher:
                 LAG.labels(tp.topic, str(tp.partition)).set(max(hw - committed, 0))
 
 
-# --------------------------------------------------------------------------------------------------
-# Process entry point: python -m workers.dispatcher
-
-
-def build_dispatcher(
-    celery_app: Any, settings: DispatcherSettings | None = None, kafka_settings: Any = None
-) -> Dispatcher:
-    """The production wiring: Kafka consumer (group ``settings.group_id``), Kafka DLQ producer,
-    Celery sender on ``celery_app``."""
-    from events.kafka import KafkaSettings, make_consumer, make_producer
-
-    s = settings or DispatcherSettings()
-    ks = kafka_settings or KafkaSettings()
-    consumer = make_consumer([s.topic], s.group_id, ks)
-    return Dispatcher(consumer, CelerySender(celery_app), make_producer(ks), s)
-
-
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = DispatcherSettings()
-    if settings.metrics_port:
-        from prometheus_client import start_http_server
-
-        start_http_server(settings.metrics_port, addr=settings.metrics_addr)
-        log.info("metrics on http://%s:%d/metrics", settings.metrics_addr, settings.metrics_port)
-    from workers.celery_app import app as celery_app
-
-    dispatcher = build_dispatcher(celery_app, settings)
-    dispatcher.install_signal_handlers()
-    log.info("dispatcher consuming %s as group %s", settings.topic, settings.group_id)
-    try:
-        dispatcher.run()
-    finally:
-        dispatcher.consumer.close()
-        dispatcher.dlq.close()
-        log.info("dispatcher stopped")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
-
-
-__all__ = [
-    "TASK_NAME",
-    "BatchResult",
-    "CelerySender",
-    "Dispatcher",
-    "DispatcherSettings",
-    "Rejected",
-    "TaskHandle",
-    "TaskSender",
-    "build_dispatcher",
-    "coalesce",
-    "main",
-    "parse_record",
-]
+__all__ = ["BatchResult", "Dispatcher", "split_evenly"]

@@ -3,24 +3,24 @@ processes, while the worker process keeps the index (its only writer) and does t
 
 Why: with the tasks of a threads-pool worker on threads, their Python stages (decode, hash,
 pre-processing, the model call's bookkeeping) take turns on one GIL. In separate processes they do
-not. ``python -m tongkuan.bench_ingest --in-process --layouts 1x2,2x1`` on the 2-core dev machine:
+not. ``python -m offline bench-ingest --in-process --layouts 1x2,2x1`` on the 2-core dev machine:
 the pipeline reached 0.885-0.889 of the model-only ceiling as 1 process x 2 task threads, and
 0.933-0.936 as 2 processes x 1 task; the ceiling itself is the same either way (2 threads 69.28,
 2 processes 69.26 images/s). On the lent H200 machine (16 CPUs, CUDA) the gap is wider:
 463 items/s as 1 x 2 against 2,093 as 8 x 2. The embedded (Edge) index belongs to one process, so
 the children return vectors and hashes, and the worker process checks twins and writes.
 
-``EmbedPool(settings, processes, embedder_factory)``: ``processes`` children, each with its own
-model session (``ort_threads`` = cores / processes unless set) and its own ``ImageFetcher`` from the
-same settings (so the same allow-lists, caps and address checks). ``PooledEmbedder`` wraps the
-worker's own embedder with a pool: it is what ``workers.pipeline.ingest_items`` is handed, and it
-offers ``embed_chunks`` (whole chunks elsewhere) beside ``embed_catalog`` (here).
+``EmbedPool`` is a ``workers.pipeline.ChunkEmbedder``: each child has its own ``ImageFetcher``
+from the same settings (so the same allow-lists, caps and address checks) and loads the models it
+is asked for by name (``workers.embedders``), one ORT session each with ``ort_threads`` = cores /
+processes unless set. A chunk is fetched and decoded once and embedded with every target model.
 
 Failures: an item's bad picture or failed fetch comes back as its ``ItemFailure`` as before. A
 child that dies (killed, out of memory, a crash in a native decoder) breaks the pool: the call
-raises ``EmbedPoolBroken`` (the task retries the batch, see ``workers.tasks``) and the next call
-starts fresh children. Children exit by themselves within a second when the worker process is gone
-(kill -9 included): nothing else would tell them, since they hold their own end of the job queue.
+raises ``EmbedPoolBroken`` (the task retries the batch) and the next call starts fresh children.
+A child whose model loads under another id than its generation's is refused (one index never mixes
+two models). Children exit by themselves within a second when the worker process is gone (kill -9
+included): nothing else would tell them, since they hold their own end of the job queue.
 """
 
 from __future__ import annotations
@@ -34,14 +34,15 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
-import numpy as np
-
-from events.item import CatalogItem, ItemFailure
+from events.item import CatalogItem
+from index.targets import ModelRef
+from vision.settings import RuntimeSettings
+from workers.cpu import limit_blas_threads
+from workers.embedders import load_embedder
+from workers.fetch import FetchSettings, ImageFetcher
+from workers.pipeline import ChunkResult, TargetWriteError, embed_prepared, prepare_chunk
 
 log = logging.getLogger(__name__)
-
-# One chunk's result: (items ready with their md5/dhash, their vectors or None, failures, stage seconds)
-ChunkResult = tuple[list[Any], np.ndarray | None, list[ItemFailure], dict[str, float]]
 
 
 class EmbedPoolBroken(RuntimeError):
@@ -60,54 +61,57 @@ def _watch_parent(parent: int, every_s: float = 0.5) -> None:
         time.sleep(every_s)
 
 
-def _child_init(settings: Any, embedder_factory: str, parent: int) -> None:
-    from workers.celery_app import load_ref
-    from workers.fetch import ImageFetcher
-    from workers.tasks import limit_blas_threads
-
+def _child_init(kind: str, runtime: RuntimeSettings, fetch: FetchSettings, max_bytes: int, parent: int) -> None:
     threading.Thread(target=_watch_parent, args=(parent,), name="watch-parent", daemon=True).start()
     limit_blas_threads()
-    _child["embedder"] = load_ref(embedder_factory)(settings)
-    _child["fetcher"] = ImageFetcher.from_settings(settings)
+    _child.update(kind=kind, runtime=runtime, models={},
+                  fetcher=ImageFetcher.from_settings(fetch, max_bytes))
 
 
-def _child_chunk(items: Sequence[CatalogItem], max_pixels: int) -> tuple[str, ChunkResult]:
-    """(this child's model id, the chunk's result)."""
-    from workers.pipeline import embed_prepared, prepare_chunk
+def _embedder(name: str) -> Any:
+    models = _child["models"]
+    if name not in models:
+        models[name] = load_embedder(_child["kind"], _child["runtime"], name)
+    return models[name]
 
-    embedder, fetcher = _child["embedder"], _child["fetcher"]
-    ready, tensors, failures, seconds = prepare_chunk(items, fetcher, max_pixels, embedder, tensors=True)
-    vectors = embed_prepared(embedder, ready, tensors, seconds, batch_size=len(items))
+
+def _child_chunk(items: Sequence[CatalogItem], names: Sequence[str], max_pixels: int, batch_size: int,
+                 ) -> tuple[list[str], ChunkResult]:
+    """(the model ids this child ran, the chunk's result)."""
+    embedders = [_embedder(n) for n in names]
+    ready, failures, seconds = prepare_chunk(items, _child["fetcher"], max_pixels)
+    vectors = embed_prepared(ready, embedders, seconds, batch_size)
     for p in ready:
         p.image = None  # the worker process needs the hashes and vectors, not the pixels
-    return embedder.model_id, (ready, vectors, failures, seconds)
+    return [e.model_id for e in embedders], (ready, vectors, failures, seconds)
 
 
-def _child_warm_up(batch: int) -> str:
+def _child_warm_up(names: Sequence[str], batch: int) -> list[str]:
     from PIL import Image
 
-    embedder = _child["embedder"]
-    embedder.embed_catalog([Image.new("RGB", (256, 256), (128, 128, 128))] * batch, batch_size=batch)
-    return embedder.model_id
+    images = [Image.new("RGB", (256, 256), (128, 128, 128))] * batch
+    out = []
+    for name in names:
+        embedder = _embedder(name)
+        embedder.embed_catalog(images, batch_size=batch)
+        out.append(embedder.model_id)
+    return out
 
 
 # --- in the worker process -------------------------------------------------------------------------
 
 
 class EmbedPool:
-    """``processes`` children running ``embedder_factory(settings)``. ``model_id``: the model the
-    worker process writes for; a child that loaded another (a registry changed under it) fails
-    the call rather than mix two models' vectors in one index."""
-
-    def __init__(self, settings: Any, processes: int, embedder_factory: str, model_id: str):
+    def __init__(self, processes: int, *, kind: str, runtime: RuntimeSettings, fetch: FetchSettings,
+                 max_bytes: int, max_pixels: int, batch_size: int = 32):
         if processes < 1:
             raise ValueError("an embedding pool needs at least one process")
         self.processes = processes
-        self.embedder_factory = embedder_factory
-        self.model_id = model_id
         cores = os.cpu_count() or 1
-        self.settings = (settings if settings.ort_threads
-                         else settings.model_copy(update={"ort_threads": max(1, cores // processes)}))
+        self._initargs = (kind, runtime if runtime.ort_threads
+                          else runtime.model_copy(update={"ort_threads": max(1, cores // processes)}),
+                          fetch, max_bytes)
+        self.max_pixels, self.batch_size = max_pixels, batch_size
         self._lock = threading.Lock()
         self._executor: ProcessPoolExecutor | None = None
         self.restarts = 0
@@ -121,7 +125,7 @@ class EmbedPool:
                 # their locks in whatever state they were in.
                 self._executor = ProcessPoolExecutor(
                     self.processes, mp_context=mp.get_context("spawn"), initializer=_child_init,
-                    initargs=(self.settings, self.embedder_factory, os.getpid()))
+                    initargs=(*self._initargs, os.getpid()))
             return self._executor
 
     def _reset(self, broken: ProcessPoolExecutor) -> None:
@@ -131,36 +135,44 @@ class EmbedPool:
                 self.restarts += 1
         broken.shutdown(wait=False, cancel_futures=True)
 
-    def embed_chunks(self, chunks: Sequence[Sequence[CatalogItem]], max_pixels: int) -> Iterator[ChunkResult]:
-        """Each chunk fetched → decoded → hashed → embedded in a child, all submitted at once;
-        results in chunk order."""
+    def embed_chunks(self, chunks: Sequence[Sequence[CatalogItem]], models: Sequence[ModelRef]) -> Iterator[ChunkResult]:
+        """Each chunk fetched → decoded → hashed → embedded (every model) in a child, all submitted
+        at once; results in chunk order."""
         executor = self._get()
+        names = [m.name for m in models]
         try:
-            futures: list[Future] = [executor.submit(_child_chunk, list(c), max_pixels) for c in chunks]
+            futures: list[Future] = [executor.submit(_child_chunk, list(c), names, self.max_pixels, self.batch_size)
+                                     for c in chunks]
             for f in futures:
-                model_id, result = f.result()
-                self._check(model_id)
+                model_ids, result = f.result()
+                self._check(models, model_ids)
                 yield result
         except BrokenProcessPool as e:
             self._reset(executor)
             raise EmbedPoolBroken(f"an embedding process died: {e}") from e
 
-    def warm_up(self, batch: int, rounds: int = 2) -> float:
-        """Start every child and run the model ``rounds`` times in each (see ``workers.tasks.warm_up``)."""
+    def warm_up(self, models: Sequence[ModelRef], rounds: int = 2) -> float:
+        """Start every child, load the models and run each ``rounds`` times (ONNX Runtime grows its
+        arena on the first runs of a batch shape)."""
         executor = self._get()
+        names = [m.name for m in models]
         t0 = time.perf_counter()
         try:
             for _ in range(rounds):
-                for model_id in executor.map(_child_warm_up, [batch] * self.processes):
-                    self._check(model_id)
+                for model_ids in executor.map(_child_warm_up, [names] * self.processes,
+                                              [self.batch_size] * self.processes):
+                    self._check(models, model_ids)
         except BrokenProcessPool as e:
             self._reset(executor)
             raise EmbedPoolBroken(f"an embedding process died during warm-up: {e}") from e
         return time.perf_counter() - t0
 
-    def _check(self, model_id: str) -> None:
-        if model_id != self.model_id:
-            raise RuntimeError(f"an embedding process runs {model_id}, the worker writes {self.model_id}")
+    @staticmethod
+    def _check(models: Sequence[ModelRef], model_ids: Sequence[str]) -> None:
+        for model, got in zip(models, model_ids, strict=True):
+            if model.model_id != got:
+                raise TargetWriteError(f"an embedding process runs {got} for {model.name!r}; its generation "
+                                       f"is {model.model_id}")
 
     def pids(self) -> list[int]:
         ex = self._executor
@@ -171,29 +183,3 @@ class EmbedPool:
             ex, self._executor = self._executor, None
         if ex is not None:
             ex.shutdown(wait=True, cancel_futures=True)
-
-
-class PooledEmbedder:
-    """The worker's embedder (``model_id``, ``dim``, ``embed_catalog`` here) plus an ``EmbedPool``
-    whose children run the same model for whole ingest chunks (``embed_chunks``)."""
-
-    def __init__(self, embedder: Any, pool: EmbedPool):
-        if pool.model_id != embedder.model_id:
-            raise ValueError(f"pool for {pool.model_id}, embedder {embedder.model_id}")
-        self.local = embedder
-        self.pool = pool
-        self.model_id = embedder.model_id
-        self.dim = embedder.dim
-
-    @property
-    def embedder(self) -> Any:  # the ORT session wrapper, where the local embedder has one
-        return getattr(self.local, "embedder", None)
-
-    def embed_catalog(self, images: Any, batch_size: int = 32) -> np.ndarray:
-        return self.local.embed_catalog(images, batch_size=batch_size)
-
-    def embed_chunks(self, chunks: Sequence[Sequence[CatalogItem]], max_pixels: int) -> Iterator[ChunkResult]:
-        return self.pool.embed_chunks(chunks, max_pixels)
-
-    def close(self) -> None:
-        self.pool.close()

@@ -26,14 +26,24 @@ import ipaddress
 import socket
 import ssl
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
 import httpcore
+from pydantic import BaseModel, ConfigDict, Field
 
 from vision.decode import sniff_format
+from workers.addresses import (
+    METADATA_HOSTS,
+    AllowRule,
+    IPAddress,
+    Resolver,
+    address_refusal,
+    norm_host,
+    parse_ip,
+    system_resolver,
+)
 
 # Reason codes whose failures are worth retrying with backoff; every other code is permanent.
 TRANSIENT_REASONS = frozenset({"timeout", "connection", "http_unavailable", "dns_temporary"})
@@ -59,111 +69,19 @@ class FetchError(Exception):
         self.transient = reason in TRANSIENT_REASONS if transient is None else transient
 
 
-# --- address policy -------------------------------------------------------------------------------
+class FetchSettings(BaseModel):
+    """Fetching item images (env ``TONGKUAN_FETCH__*``); the byte cap is ``ImageSettings.max_bytes``."""
 
-# Cloud instance-metadata endpoints: refused even when a host name on the allow-list resolves to
-# them; only an allow-list IP/CIDR entry that contains the address lets them through.
-METADATA_ADDRESSES = frozenset(
-    {ipaddress.ip_address("169.254.169.254"), ipaddress.ip_address("fd00:ec2::254")}
-)
-METADATA_HOSTS = frozenset({"metadata.google.internal", "metadata.goog"})
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
-_CGNAT = ipaddress.ip_network("100.64.0.0/10")
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
-_IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-
-
-def address_refusal(ip: _IPAddress) -> str | None:
-    """Why ``ip`` must not be fetched from (None = a public unicast address).
-
-    IPv6 forms that embed an IPv4 address (IPv4-mapped ``::ffff:a.b.c.d``, 6to4, NAT64) are judged
-    by the embedded address: ``::ffff:127.0.0.1`` is loopback.
-    """
-    if ip in METADATA_ADDRESSES:
-        return "cloud metadata"
-    if isinstance(ip, ipaddress.IPv6Address):
-        embedded = ip.ipv4_mapped or ip.sixtofour
-        if embedded is None and ip in _NAT64:
-            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
-        if embedded is not None:
-            inner = address_refusal(embedded)
-            return f"embeds {embedded} ({inner})" if inner else None
-        if ip.is_site_local:
-            return "site-local"
-    checks = (
-        ("unspecified", ip.is_unspecified),
-        ("loopback", ip.is_loopback),
-        ("link-local", ip.is_link_local),
-        ("multicast", ip.is_multicast),
-        ("CGNAT", isinstance(ip, ipaddress.IPv4Address) and ip in _CGNAT),
-        ("private", ip.is_private),
-        ("reserved", ip.is_reserved),
-    )
-    for name, hit in checks:
-        if hit:
-            return name
-    return None if ip.is_global else "not globally routable"
-
-
-def _parse_ip(host: str) -> _IPAddress | None:
-    try:
-        return ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return None
-
-
-def _norm_host(host: str) -> str:
-    return host.strip("[]").rstrip(".").lower()
-
-
-@dataclass(frozen=True)
-class _AllowRule:
-    host: str | None = None
-    network: ipaddress.IPv4Network | ipaddress.IPv6Network | None = None
-    port: int | None = None
-
-    @classmethod
-    def parse(cls, entry: str) -> _AllowRule:
-        """``host``, ``host:port``, ``IP``, ``IP:port``, ``[v6]:port`` or ``CIDR``."""
-        text = entry.strip()
-        if not text:
-            raise ValueError("empty allow-list entry")
-        try:
-            return cls(network=ipaddress.ip_network(text.strip("[]"), strict=False))
-        except ValueError:
-            pass
-        host, port = text, None
-        if text.startswith("["):
-            inner, _, rest = text[1:].partition("]")
-            host, port = inner, (int(rest[1:]) if rest.startswith(":") else None)
-        elif text.count(":") == 1:
-            h, p = text.split(":")
-            host, port = h, int(p)
-        ip = _parse_ip(host)
-        if ip is not None:
-            return cls(network=ipaddress.ip_network(ip), port=port)
-        return cls(host=_norm_host(host), port=port)
-
-    def matches(self, host: str, ip: _IPAddress, port: int) -> bool:
-        if self.port is not None and self.port != port:
-            return False
-        if self.network is not None:
-            return ip.version == self.network.version and ip in self.network
-        # A trusted host name exempts its addresses, except the metadata endpoints.
-        return self.host == host and ip not in METADATA_ADDRESSES
-
-
-def system_resolver(host: str, port: int) -> list[str]:
-    """All addresses of ``host`` (one DNS lookup). Raises ``socket.gaierror``."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    out: list[str] = []
-    for *_, sockaddr in infos:
-        if sockaddr[0] not in out:
-            out.append(sockaddr[0])
-    return out
-
-
-Resolver = Callable[[str, int], Sequence[str]]
+    connect_timeout_s: float = Field(default=3.0, gt=0, description="TCP/TLS connect timeout per hop")
+    read_timeout_s: float = Field(default=10.0, gt=0, description="timeout of one read")
+    total_timeout_s: float = Field(default=30.0, gt=0, description="deadline of the whole fetch, all hops")
+    max_redirects: int = Field(default=3, ge=0, description="redirects followed (each hop vetted again)")
+    allow: list[str] = Field(default_factory=list, description="hosts, IPs or CIDRs (optionally :port) exempt "
+                             "from the private-address refusal, e.g. an internal object store")
+    object_root: Path | None = Field(default=None, description="directory that object keys and relative "
+                                     "paths resolve against (embedded mode)")
 
 
 class _VettedBackend(httpcore.SyncBackend):
@@ -213,17 +131,18 @@ class ImageFetcher:
     user_agent: str = "tongkuan-fetch/1"
 
     def __post_init__(self) -> None:
-        self._rules = [_AllowRule.parse(e) for e in self.allow]
+        self._rules = [AllowRule.parse(e) for e in self.allow]
 
     @classmethod
-    def from_settings(cls, settings) -> ImageFetcher:  # settings: tongkuan.settings.Settings
+    def from_settings(cls, fetch: FetchSettings, max_bytes: int) -> ImageFetcher:
         return cls(
-            max_bytes=settings.max_image_bytes,
-            object_root=settings.object_root,
-            connect_timeout_s=settings.fetch_connect_timeout_s,
-            read_timeout_s=settings.fetch_read_timeout_s,
-            max_redirects=settings.fetch_max_redirects,
-            allow=list(settings.fetch_allow),
+            max_bytes=max_bytes,
+            object_root=fetch.object_root,
+            connect_timeout_s=fetch.connect_timeout_s,
+            read_timeout_s=fetch.read_timeout_s,
+            total_timeout_s=fetch.total_timeout_s,
+            max_redirects=fetch.max_redirects,
+            allow=list(fetch.allow),
         )
 
     def fetch(self, ref: str) -> bytes:
@@ -255,15 +174,15 @@ class ImageFetcher:
 
     # --- address vetting ----------------------------------------------------------------------------
 
-    def is_allowed(self, host: str, ip: _IPAddress, port: int) -> bool:
-        return any(rule.matches(_norm_host(host), ip, port) for rule in self._rules)
+    def is_allowed(self, host: str, ip: IPAddress, port: int) -> bool:
+        return any(rule.matches(norm_host(host), ip, port) for rule in self._rules)
 
-    def vet(self, host: str, port: int) -> list[_IPAddress]:
+    def vet(self, host: str, port: int) -> list[IPAddress]:
         """Resolve ``host`` once and return its addresses if **all** may be connected to; raises
         ``FetchError("private_address")`` otherwise (one bad answer taints the whole answer: a
         rebinding server may rotate them)."""
-        name = _norm_host(host)
-        literal = _parse_ip(name)
+        name = norm_host(host)
+        literal = parse_ip(name)
         if literal is not None:
             ips = [literal]
         else:

@@ -14,6 +14,8 @@ Names (what the Grafana dashboard and ``infra/prometheus.yml`` use; tests/worker
 * ``tongkuan_ingest_tasks_total{status}``              counter: success, retry (some items retried),
   error (the attempt raised: Celery may retry the whole batch).
 * ``tongkuan_ingest_task_seconds``                     histogram: wall time per task attempt.
+* ``tongkuan_ingest_target_write_failures_total{role}`` counter: failed writes to a target generation
+  (serving | building | previous); a required one fails the batch, an optional one only counts here.
 * ``tongkuan_celery_queue_depth{queue}``               gauge, read from Redis (LLEN) at scrape time.
 * ``tongkuan_celery_broker_up``                        gauge: 1 if that read worked.
 """
@@ -27,6 +29,8 @@ from collections.abc import Iterable
 from prometheus_client import REGISTRY, Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from workers.settings import CelerySettings, WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +54,8 @@ DLQ_EVENTS = Counter("tongkuan_dlq_events", "Events dead-lettered, by reason cod
 TASKS = Counter("tongkuan_ingest_tasks", "Ingest task attempts by status.", ["status"])
 TASK_SECONDS = Histogram("tongkuan_ingest_task_seconds", "Wall time per ingest task attempt.",
                          buckets=STAGE_BUCKETS)
+TARGET_WRITE_FAILURES = Counter("tongkuan_ingest_target_write_failures",
+                                "Failed writes to a target generation, by its role.", ["role"])
 
 QUEUE_DEPTH_METRIC = "tongkuan_celery_queue_depth"
 BROKER_UP_METRIC = "tongkuan_celery_broker_up"
@@ -109,11 +115,11 @@ _started_lock = threading.Lock()
 _started: dict[str, object] = {}
 
 
-def start_worker_metrics(ws, *, child: bool) -> int | None:
+def start_worker_metrics(ws: WorkerSettings, celery: CelerySettings, *, child: bool) -> int | None:
     """Serve ``/metrics`` for this worker process (idempotent per process); returns the port.
 
-    ``ws``: ``workers.celery_app.WorkerSettings``. A prefork child serves ``metrics_port + index``
-    so that several children on one host do not collide; solo/threads serve ``metrics_port``.
+    A prefork child serves ``metrics_port + index`` so that several children on one host do not
+    collide; solo/threads serve ``metrics_port``.
     """
     if ws.metrics_port == 0:
         return None
@@ -128,7 +134,7 @@ def start_worker_metrics(ws, *, child: bool) -> int | None:
                 port += int(getattr(current_process(), "index", 0) or 0)
             except ImportError:  # pragma: no cover - billiard ships with celery
                 pass
-        collector = QueueDepthCollector(ws.broker_url, [ws.ingest_queue])
+        collector = QueueDepthCollector(celery.broker_url, [celery.queue])
         REGISTRY.register(collector)
         try:
             start_http_server(port, addr=ws.metrics_addr)

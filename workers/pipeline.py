@@ -1,8 +1,14 @@
-"""The catalog-side pipeline as plain functions: fetch → hash/dedup → localize+embed → upsert.
+"""The catalog-side pipeline as plain functions: fetch → hash → embed → link twins → upsert.
 
-``ingest_items`` is what the Celery embed task, the CLI (``tongkuan ingest``) and the demo call. It
-never raises for a bad item: each one becomes an ``ItemFailure`` with a reason code, and the rest of
-the batch goes on. Writes are version-guarded by the index, so re-running a batch is harmless.
+``ingest(items, targets=..., embedding=...)`` is what the worker's batch runs: each picture is
+fetched, decoded and hashed once, embedded once per target model, and written (twin check, then
+version-guarded upsert) into every target generation (``index.targets``). ``ingest_items`` is the
+same for one index and one model: the CLI (``tongkuan ingest``), the demo, the evaluation and the
+re-embed call it.
+
+A bad item never raises: it becomes an ``ItemFailure`` with a reason code, and the rest of the
+batch goes on. Writes are version-guarded by the index, so re-running a batch is harmless. Items
+must be unique per call (``events.contract.coalesce`` / ``latest_items`` decide which one stays).
 """
 
 from __future__ import annotations
@@ -17,26 +23,24 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
+from events.contract import latest_items
 from events.item import CatalogItem, ItemFailure
 from index.base import IndexPoint, VectorIndex
+from index.targets import ModelRef, WriteTarget
 from vision.decode import ImageError, decode_image
-from workers.dedup import NEAR_DUP_MAX_BITS, NEAR_DUP_MIN_COSINE, dhash_hex, md5_hex, trim_background
+from workers import metrics
+from workers.dedup import dhash_hex, md5_hex, trim_background
 from workers.fetch import FetchError, ImageFetcher
+from workers.twins import find_twins
 
 log = logging.getLogger(__name__)
 
-# How many nearest catalog neighbours are checked for a near-duplicate twin (dHash distance).
-TWIN_CANDIDATES = 5
-
 
 class CatalogEmbedder(Protocol):
-    """What the pipeline needs from the vision runtime (``vision.runtime.VisionPipeline``).
-
-    Optionally also ``catalog_tensors(images) -> inputs | None`` and ``embed_catalog_tensors(inputs)``
-    (the same embedding split into its CPU pre-processing and the model run): with several streams
-    each stream pre-processes its own chunk before its model run. Or ``embed_chunks(chunks,
-    max_pixels)``, which takes whole chunks from fetch to vectors elsewhere
-    (``workers.embed_pool.PooledEmbedder``)."""
+    """What the pipeline needs from a model (``vision.runtime.VisionPipeline``,
+    ``vision.thumbnail.ThumbnailEmbedder``). Optionally also ``catalog_tensors(images)`` and
+    ``embed_catalog_tensors(inputs)``: the same embedding split into its CPU pre-processing and the
+    model run, so that several streams each pre-process their own chunk."""
 
     model_id: str
     dim: int
@@ -45,7 +49,39 @@ class CatalogEmbedder(Protocol):
 
 
 @dataclass
+class Prepared:
+    item: CatalogItem
+    image: Image.Image | None  # None once embedded in another process (workers.embed_pool)
+    md5: str
+    dhash: str
+
+
+# One chunk: (items ready, with their hashes; their vectors per model id; failures; stage seconds)
+ChunkResult = tuple[list[Prepared], dict[str, np.ndarray], list[ItemFailure], dict[str, float]]
+
+
+class ChunkEmbedder(Protocol):
+    """Fetch → decode → hash → embed for chunks of items, for several models at once: in this
+    process (``LocalEmbedding``) or in embedding processes (``workers.embed_pool.EmbedPool``)."""
+
+    def embed_chunks(self, chunks: Sequence[Sequence[CatalogItem]], models: Sequence[ModelRef]) -> Iterator[ChunkResult]: ...
+
+
+class TargetWriteError(RuntimeError):
+    """A required target generation could not be written: the batch fails (and is retried)."""
+
+
+@dataclass
+class TargetOutcome:
+    indexed: list[str] = field(default_factory=list)
+    stale: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass
 class IngestReport:
+    """What happened, as seen by the first (serving) target; ``targets`` has every target's part."""
+
     indexed: list[str] = field(default_factory=list)
     stale: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
@@ -53,6 +89,7 @@ class IngestReport:
     # item id -> id of the already indexed item it duplicates (exact MD5 or near dHash)
     duplicates: dict[str, str] = field(default_factory=dict)
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    targets: dict[str, TargetOutcome] = field(default_factory=dict)
 
     def merge(self, other: IngestReport) -> None:
         self.indexed += other.indexed
@@ -64,168 +101,32 @@ class IngestReport:
             self.stage_seconds[k] = self.stage_seconds.get(k, 0.0) + v
 
 
-@dataclass
-class _Prepared:
-    item: CatalogItem
-    image: Image.Image | None  # None once embedded in another process (workers.embed_pool)
-    md5: str
-    dhash: str
+class Stopwatch:
+    """``with timer("stage"):`` adds the block's wall time to ``into[stage]``."""
 
-
-class _Stopwatch:
     def __init__(self, into: dict[str, float]):
         self.into = into
+        self._stage = ""
 
-    def __call__(self, stage: str):
-        return _Stage(self.into, stage)
+    def __call__(self, stage: str) -> Stopwatch:
+        self._stage = stage
+        return self
 
+    def __enter__(self) -> None:
+        self._t0 = time.perf_counter()
 
-class _Stage:
-    def __init__(self, into: dict[str, float], stage: str):
-        self.into, self.stage = into, stage
-
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-
-    def __exit__(self, *exc):
-        self.into[self.stage] = self.into.get(self.stage, 0.0) + time.perf_counter() - self.t0
+    def __exit__(self, *exc: object) -> None:
+        self.into[self._stage] = self.into.get(self._stage, 0.0) + time.perf_counter() - self._t0
 
 
-def ingest_items(
-    items: Sequence[CatalogItem],
-    *,
-    index: VectorIndex,
-    embedder: CatalogEmbedder,
-    fetcher: ImageFetcher,
-    max_pixels: int = 40_000_000,
-    batch_size: int = 32,
-    streams: int = 1,
-    prefetch: bool = True,
-) -> IngestReport:
-    """Index one batch of items. Fetch/decode failures are reported per item; the rest are indexed.
-    ``streams`` > 1: that many chunks of ``batch_size`` go through fetch → embed concurrently.
-    ``prefetch`` (one stream): fetch and decode the next chunk on a helper thread while the model
-    runs this one; turn it off where other calls run at the same time and keep the cores busy
-    anyway (the worker's threads pool), so that the helper threads do not crowd them."""
-    report = IngestReport()
-    timer = _Stopwatch(report.stage_seconds)
-    items = _latest_per_item(items)
+# --- fetch, decode, hash, embed --------------------------------------------------------------------
 
-    with timer("version_check"):
-        stored = index.stored_versions([it.item_id for it in items])
-    fresh: list[CatalogItem] = []
-    for it in items:
-        if it.item_id in stored and stored[it.item_id] > it.version:
-            report.stale.append(it.item_id)
-        else:
-            fresh.append(it)
-
-    chunks = [fresh[i : i + batch_size] for i in range(0, len(fresh), batch_size)]
-    prepared: list[_Prepared] = []
-    parts: list[np.ndarray] = []
-    for ready, vectors, failures, seconds in _embed_chunks(chunks, fetcher, max_pixels, embedder,
-                                                           batch_size, streams, prefetch):
-        report.failures += failures
-        for stage, sec in seconds.items():
-            report.stage_seconds[stage] = report.stage_seconds.get(stage, 0.0) + sec
-        if ready:
-            prepared += ready
-            parts.append(vectors)
-    if not prepared:
-        return report
-    vectors = np.concatenate(parts)
-
-    with timer("dedup"):
-        twins = _find_twins(prepared, vectors, index)
-    report.duplicates.update(twins)
-
-    points = [
-        IndexPoint(
-            item_id=p.item.item_id,
-            shard=p.item.shard,
-            vector=vectors[i],
-            version=p.item.version,
-            payload=item_payload(p.item, md5=p.md5, dhash=p.dhash, model_id=embedder.model_id,
-                                 duplicate_of=twins.get(p.item.item_id)),
-        )
-        for i, p in enumerate(prepared)
-    ]
-    with timer("upsert"):
-        result = index.upsert(points)
-    report.indexed += result.applied
-    report.stale += result.stale
-    return report
-
-
-def _embed_chunks(
-    chunks: Sequence[Sequence[CatalogItem]], fetcher: ImageFetcher, max_pixels: int,
-    embedder: CatalogEmbedder, batch_size: int, streams: int, prefetch: bool = True,
-) -> Iterator[tuple[list[_Prepared], np.ndarray | None, list[ItemFailure], dict[str, float]]]:
-    """(prepared items, their vectors, failures, stage seconds) per chunk, in chunk order.
-
-    One stream: the next chunk is fetched, decoded and hashed on a helper thread while ONNX Runtime
-    runs the current one (PIL and ORT release the GIL). Pre-processing stays next to the model run:
-    on the helper thread it took a core from ORT's intra-op pool, whose every op then waits for its
-    slowest thread (make bench-ingest: 91.6 -> 87.5 items/s). Without ``prefetch``, each chunk is
-    prepared and then embedded on the calling thread: with other calls running at once, their model
-    runs fill the cores meanwhile (in process, 3 calls at once: 0.88-0.91 of the model-only rate
-    without the helper threads, 0.87-0.89 with them). Several streams: that many chunks run the
-    whole way concurrently, each model run single-threaded on its share of the cores."""
-    if not chunks:
-        return
-    if (elsewhere := getattr(embedder, "embed_chunks", None)) is not None:
-        # whole chunks in the embedding processes (workers.embed_pool); this process writes
-        yield from elsewhere(chunks, max_pixels)
-        return
-
-    def embed(ready: list[_Prepared], tensors: Any, seconds: dict[str, float]) -> np.ndarray | None:
-        return embed_prepared(embedder, ready, tensors, seconds, batch_size)
-
-    if streams > 1:
-        def whole(chunk: Sequence[CatalogItem]):
-            ready, tensors, failures, seconds = prepare_chunk(chunk, fetcher, max_pixels, embedder, tensors=True)
-            return ready, embed(ready, tensors, seconds), failures, seconds
-
-        with ThreadPoolExecutor(streams, thread_name_prefix="ingest-stream") as pool:
-            yield from pool.map(whole, chunks)
-        return
-
-    if not prefetch:
-        for chunk in chunks:
-            ready, tensors, failures, seconds = prepare_chunk(chunk, fetcher, max_pixels, embedder)
-            yield ready, embed(ready, tensors, seconds), failures, seconds
-        return
-
-    with ThreadPoolExecutor(1, thread_name_prefix="ingest-prepare") as pool:
-        pending = pool.submit(prepare_chunk, chunks[0], fetcher, max_pixels, embedder)
-        for n in range(len(chunks)):
-            ready, tensors, failures, seconds = pending.result()
-            if n + 1 < len(chunks):
-                pending = pool.submit(prepare_chunk, chunks[n + 1], fetcher, max_pixels, embedder)
-            yield ready, embed(ready, tensors, seconds), failures, seconds
-
-
-def embed_prepared(embedder: CatalogEmbedder, ready: list[_Prepared], tensors: Any, seconds: dict[str, float],
-                   batch_size: int) -> np.ndarray | None:
-    """The vectors of a prepared chunk (from ``tensors`` when ``prepare_chunk`` made them), timed
-    as the ``embed`` stage; None for an empty chunk."""
-    if not ready:
-        return None
-    with _Stopwatch(seconds)("embed"):
-        if tensors is not None:
-            return embedder.embed_catalog_tensors(tensors)
-        return embedder.embed_catalog([p.image for p in ready], batch_size=batch_size)
-
-
-def prepare_chunk(
-    items: Sequence[CatalogItem], fetcher: ImageFetcher, max_pixels: int, embedder: CatalogEmbedder,
-    *, tensors: bool = False,
-) -> tuple[list[_Prepared], Any, list[ItemFailure], dict[str, float]]:
-    """Fetch, decode, hash and (``tensors`` and the embedder offers it) pre-process some items:
-    (prepared, model inputs or None, per-item failures, stage seconds)."""
+def prepare_chunk(items: Sequence[CatalogItem], fetcher: ImageFetcher, max_pixels: int,
+                  ) -> tuple[list[Prepared], list[ItemFailure], dict[str, float]]:
+    """Fetch, decode and hash some items: (prepared, per-item failures, stage seconds)."""
     seconds: dict[str, float] = {}
-    timer = _Stopwatch(seconds)
-    prepared: list[_Prepared] = []
+    timer = Stopwatch(seconds)
+    prepared: list[Prepared] = []
     failures: list[ItemFailure] = []
     for it in items:
         try:
@@ -234,20 +135,181 @@ def prepare_chunk(
             with timer("decode"):
                 image = decode_image(data, max_bytes=fetcher.max_bytes, max_pixels=max_pixels)
             with timer("hash"):
-                prepared.append(_Prepared(it, image, md5_hex(data), dhash_hex(trim_background(image))))
+                prepared.append(Prepared(it, image, md5_hex(data), dhash_hex(trim_background(image))))
         except (FetchError, ImageError) as e:
             failures.append(ItemFailure(item_id=it.item_id, reason=e.reason, detail=e.detail))
-    inputs = None
-    to_tensors = getattr(embedder, "catalog_tensors", None) if tensors else None
-    if prepared and to_tensors is not None:
-        with timer("preprocess"):
-            inputs = to_tensors([p.image for p in prepared])
-    return prepared, inputs, failures, seconds
+    return prepared, failures, seconds
 
 
-def item_payload(
-    item: CatalogItem, *, md5: str, dhash: str, model_id: str, duplicate_of: str | None
-) -> dict:
+def embed_prepared(prepared: list[Prepared], embedders: Sequence[CatalogEmbedder], seconds: dict[str, float],
+                   batch_size: int) -> dict[str, np.ndarray]:
+    """The vectors of a prepared chunk per model id (pre-processing timed as ``preprocess`` where
+    the model splits it off, the model runs as ``embed``)."""
+    out: dict[str, np.ndarray] = {}
+    if not prepared:
+        return out
+    timer = Stopwatch(seconds)
+    images = [p.image for p in prepared]
+    for embedder in embedders:
+        to_tensors = getattr(embedder, "catalog_tensors", None)
+        tensors = None
+        if to_tensors is not None:
+            with timer("preprocess"):
+                tensors = to_tensors(images)
+        with timer("embed"):
+            out[embedder.model_id] = (embedder.embed_catalog_tensors(tensors) if tensors is not None
+                                      else embedder.embed_catalog(images, batch_size=batch_size))
+    return out
+
+
+class LocalEmbedding:
+    """``ChunkEmbedder`` in this process. ``load(model)`` gives a model's embedder (cached by the
+    caller). One stream: the next chunk is fetched, decoded and hashed on a helper thread while ORT
+    runs this one (``prefetch``; turn it off where other calls keep the cores busy anyway: the
+    worker's threads pool). Several streams: that many chunks go the whole way concurrently."""
+
+    def __init__(self, fetcher: ImageFetcher, load: Callable[[ModelRef], CatalogEmbedder], *,
+                 max_pixels: int = 40_000_000, batch_size: int = 32, streams: int = 1, prefetch: bool = True):
+        self.fetcher, self.load = fetcher, load
+        self.max_pixels, self.batch_size, self.streams, self.prefetch = max_pixels, batch_size, streams, prefetch
+
+    @classmethod
+    def single(cls, embedder: CatalogEmbedder, fetcher: ImageFetcher, **kw: Any) -> LocalEmbedding:
+        """For one model only (the CLI, the demo, the evaluation)."""
+        def load(model: ModelRef) -> CatalogEmbedder:
+            if model.model_id != embedder.model_id:
+                raise ValueError(f"this embedding runs {embedder.model_id}, not {model.model_id}")
+            return embedder
+
+        return cls(fetcher, load, **kw)
+
+    def embed_chunks(self, chunks: Sequence[Sequence[CatalogItem]], models: Sequence[ModelRef]) -> Iterator[ChunkResult]:
+        if not chunks:
+            return
+        embedders = [self._checked(m) for m in models]
+
+        def whole(chunk: Sequence[CatalogItem]) -> ChunkResult:
+            ready, failures, seconds = prepare_chunk(chunk, self.fetcher, self.max_pixels)
+            return ready, embed_prepared(ready, embedders, seconds, self.batch_size), failures, seconds
+
+        if self.streams > 1:
+            with ThreadPoolExecutor(self.streams, thread_name_prefix="ingest-stream") as pool:
+                yield from pool.map(whole, chunks)
+            return
+        if not self.prefetch:
+            for chunk in chunks:
+                yield whole(chunk)
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="ingest-prepare") as pool:
+            pending = pool.submit(prepare_chunk, chunks[0], self.fetcher, self.max_pixels)
+            for n in range(len(chunks)):
+                ready, failures, seconds = pending.result()
+                if n + 1 < len(chunks):
+                    pending = pool.submit(prepare_chunk, chunks[n + 1], self.fetcher, self.max_pixels)
+                yield ready, embed_prepared(ready, embedders, seconds, self.batch_size), failures, seconds
+
+    def _checked(self, model: ModelRef) -> CatalogEmbedder:
+        embedder = self.load(model)
+        if embedder.model_id != model.model_id:
+            raise TargetWriteError(f"model {model.name!r} loads as {embedder.model_id}, its generation is "
+                                   f"{model.model_id}: one index never mixes two models")
+        return embedder
+
+
+# --- write -------------------------------------------------------------------------------------------
+
+def ingest(items: Sequence[CatalogItem], *, targets: Sequence[WriteTarget], embedding: ChunkEmbedder,
+           batch_size: int = 32) -> IngestReport:
+    """Index one batch of unique items into every target. Per-item failures (fetch, decode) are
+    shared by all targets; a required target that cannot be written raises ``TargetWriteError``,
+    an optional one is counted (``tongkuan_ingest_target_write_failures_total``) and reported."""
+    if len({it.item_id for it in items}) != len(items):
+        raise ValueError("ingest takes one entry per item id (coalesce first)")
+    report = IngestReport()
+    if not targets:
+        raise TargetWriteError("no target generation to write to")
+    timer = Stopwatch(report.stage_seconds)
+    with timer("version_check"):
+        stored = [t.index.stored_versions([it.item_id for it in items]) for t in targets]
+
+    def is_stale(n: int, it: CatalogItem) -> bool:
+        return stored[n].get(it.item_id, -1) > it.version
+
+    # Fetched and embedded once if any target still needs it.
+    fresh = [it for it in items if not all(is_stale(n, it) for n in range(len(targets)))]
+    chunks = [fresh[i: i + batch_size] for i in range(0, len(fresh), batch_size)]
+    prepared: list[Prepared] = []
+    parts: dict[str, list[np.ndarray]] = {t.model_id: [] for t in targets}
+    for ready, vectors, failures, seconds in embedding.embed_chunks(chunks, [t.model for t in targets]):
+        report.failures += failures
+        for stage, sec in seconds.items():
+            report.stage_seconds[stage] = report.stage_seconds.get(stage, 0.0) + sec
+        if ready:
+            prepared += ready
+            for model_id, part in parts.items():
+                part.append(vectors[model_id])
+    for n, target in enumerate(targets):
+        outcome = TargetOutcome(stale=[it.item_id for it in items if is_stale(n, it)])
+        report.targets[target.model_id] = outcome
+        rows = [i for i, p in enumerate(prepared) if not is_stale(n, p.item)]
+        if not rows:
+            continue
+        vectors = np.concatenate(parts[target.model_id])[rows]
+        try:
+            twins = _write(target, [prepared[i] for i in rows], vectors, report.stage_seconds, outcome)
+        except Exception as e:  # noqa: BLE001 - the policy below decides: fail the batch or count it
+            _target_failed(target, e, outcome)
+            continue
+        if n == 0:
+            report.duplicates.update(twins)
+    first = report.targets[targets[0].model_id]
+    report.indexed, report.stale = first.indexed, first.stale
+    return report
+
+
+def _write(target: WriteTarget, prepared: list[Prepared], vectors: np.ndarray, seconds: dict[str, float],
+           outcome: TargetOutcome) -> dict[str, str]:
+    timer = Stopwatch(seconds)
+    with timer("dedup"):
+        twins = find_twins(prepared, vectors, target.index)
+    points = [IndexPoint(item_id=p.item.item_id, shard=p.item.shard, vector=vectors[i], version=p.item.version,
+                         payload=item_payload(p.item, md5=p.md5, dhash=p.dhash, model_id=target.model_id,
+                                              duplicate_of=twins.get(p.item.item_id)))
+              for i, p in enumerate(prepared)]
+    with timer("upsert"):
+        result = target.index.upsert(points)
+    outcome.indexed += result.applied
+    outcome.stale += result.stale
+    return twins
+
+
+def _target_failed(target: WriteTarget, error: Exception, outcome: TargetOutcome) -> None:
+    outcome.error = f"{type(error).__name__}: {error}"
+    metrics.TARGET_WRITE_FAILURES.labels(role=target.role).inc()
+    if target.required:
+        raise TargetWriteError(f"{target.role} generation {target.model_id}: {outcome.error}") from error
+    log.warning("write to the %s generation %s failed (optional): %s", target.role, target.model_id, outcome.error)
+
+
+def delete(item_ids: Sequence[str], *, targets: Sequence[WriteTarget],
+           versions: Sequence[int] | None = None) -> IngestReport:
+    """Delete (tombstone) items in every target, with the same failure policy as ``ingest``."""
+    report = IngestReport()
+    for n, target in enumerate(targets):
+        outcome = TargetOutcome()
+        report.targets[target.model_id] = outcome
+        try:
+            result = target.index.delete(list(item_ids), versions)
+        except Exception as e:  # noqa: BLE001
+            _target_failed(target, e, outcome)
+            continue
+        outcome.indexed, outcome.stale = result.applied, result.stale
+        if n == 0:
+            report.deleted, report.stale = result.applied, result.stale
+    return report
+
+
+def item_payload(item: CatalogItem, *, md5: str, dhash: str, model_id: str, duplicate_of: str | None) -> dict:
     payload = {
         "item_id": item.item_id,
         "version": item.version,
@@ -269,85 +331,32 @@ def item_payload(
     return payload
 
 
-def _latest_per_item(items: Sequence[CatalogItem]) -> list[CatalogItem]:
-    """Within one batch only the highest version of an item matters (first seen wins a tie)."""
-    best: dict[str, CatalogItem] = {}
-    for it in items:
-        cur = best.get(it.item_id)
-        if cur is None or it.version > cur.version:
-            best[it.item_id] = it
-    return list(best.values())
+# --- one index, one model ---------------------------------------------------------------------------
+
+def single_target(index: VectorIndex, embedder: CatalogEmbedder, name: str = "") -> list[WriteTarget]:
+    """One serving target; ``name``: the model's registry name (what embedding processes load)."""
+    return [WriteTarget(ModelRef(name or embedder.model_id, embedder.model_id), index)]
 
 
-def _find_twins(prepared: Sequence[_Prepared], vectors: np.ndarray, index: VectorIndex) -> dict[str, str]:
-    """Link each new item to an indexed (or earlier in-batch) item with the same bytes (MD5), or with
-    a near-identical picture: dHash within NEAR_DUP_MAX_BITS bits *and* embeddings at cosine
-    >= NEAR_DUP_MIN_COSINE (the hash alone confuses packshots on the same white background). Twins
-    are still indexed; the query side collapses them. Candidates are the item's nearest neighbours in
-    its own shard, since a near-duplicate picture is also a near neighbour in embedding space."""
-    twins: dict[str, str] = {}
-    seen: list[tuple[str, int]] = []  # (group root, row in prepared/vectors)
-
-    def near(md5_a: str, hash_a: int, md5_b: str | None, hash_b: int | None, cosine: float) -> bool:
-        if md5_a == md5_b:
-            return True
-        return hash_b is not None and (hash_a ^ hash_b).bit_count() <= NEAR_DUP_MAX_BITS and cosine >= NEAR_DUP_MIN_COSINE
-
-    # Every item's indexed neighbours up front, one batch query per shard (the index does not
-    # change during this loop: the batch is written after it).
-    neighbours: dict[int, list] = {}
-    by_shard: dict[str, list[int]] = {}
-    for i, p in enumerate(prepared):
-        by_shard.setdefault(p.item.shard, []).append(i)
-    for shard, rows in by_shard.items():
-        for i, hits in zip(rows, index.search_batch(vectors[rows], limit=TWIN_CANDIDATES, shards=[shard]),
-                           strict=True):
-            neighbours[i] = hits
-
-    # In-batch pairs: one similarity matrix and integer hashes (this loop is O(batch²) pairs, so
-    # each pair must cost a comparison, not a numpy call).
-    sims = vectors @ vectors.T
-    hashes = [int(p.dhash, 16) for p in prepared]
-    for i, p in enumerate(prepared):
-        me = p.item.item_id
-        twin = None
-        for root, j in seen:
-            if near(p.md5, hashes[i], prepared[j].md5, hashes[j], sims[i, j]):
-                twin = root
-                break
-        if twin is None:
-            for hit in neighbours[i]:
-                other = hit.payload
-                theirs = int(other["dhash"], 16) if other.get("dhash") else None
-                if hit.item_id != me and near(p.md5, hashes[i], other.get("md5"), theirs, hit.score):
-                    twin = other.get("duplicate_of") or hit.item_id
-                    break
-        if twin is not None and twin != me:
-            twins[me] = twin
-        seen.append((twins.get(me, me), i))  # link to the group's first item, never to a twin
-    return twins
+def ingest_items(items: Sequence[CatalogItem], *, index: VectorIndex, embedder: CatalogEmbedder,
+                 fetcher: ImageFetcher, max_pixels: int = 40_000_000, batch_size: int = 32, streams: int = 1,
+                 prefetch: bool = True) -> IngestReport:
+    """``ingest`` into one index with one model; several rows of one item: ``latest_items`` decides."""
+    embedding = LocalEmbedding.single(embedder, fetcher, max_pixels=max_pixels, batch_size=batch_size,
+                                      streams=streams, prefetch=prefetch)
+    return ingest(latest_items(items), targets=single_target(index, embedder), embedding=embedding,
+                  batch_size=batch_size)
 
 
-def delete_items(
-    item_ids: Sequence[str], *, index: VectorIndex, versions: Sequence[int] | None = None
-) -> IngestReport:
-    report = IngestReport()
+def delete_items(item_ids: Sequence[str], *, index: VectorIndex, versions: Sequence[int] | None = None
+                 ) -> IngestReport:
     result = index.delete(list(item_ids), versions)
-    report.deleted += result.applied
-    report.stale += result.stale
-    return report
+    return IngestReport(deleted=result.applied, stale=result.stale)
 
 
-def ingest_stream(
-    rows: Iterable[CatalogItem | ItemFailure],
-    *,
-    index: VectorIndex,
-    embedder: CatalogEmbedder,
-    fetcher: ImageFetcher,
-    max_pixels: int = 40_000_000,
-    batch_size: int = 32,
-    on_batch: Callable[[IngestReport, int], None] | None = None,
-) -> IngestReport:
+def ingest_stream(rows: Iterable[CatalogItem | ItemFailure], *, index: VectorIndex, embedder: CatalogEmbedder,
+                  fetcher: ImageFetcher, max_pixels: int = 40_000_000, batch_size: int = 32,
+                  on_batch: Callable[[IngestReport, int], None] | None = None) -> IngestReport:
     """Ingest a whole catalog in batches (``read_catalog`` output: items and bad rows)."""
     total = IngestReport()
     batch: list[CatalogItem] = []

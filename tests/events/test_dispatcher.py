@@ -1,4 +1,5 @@
-"""Dispatcher: coalescing, dead letters, commit only after the batch's tasks succeeded.
+"""Dispatcher: coalescing, dead letters, feature events forwarded, commit only after the batch's
+tasks succeeded.
 
 Runs over both buses (in-memory and Tansu) with a fake task sender; one test uses real Celery+Redis.
 """
@@ -12,10 +13,16 @@ from typing import Any
 
 import pytest
 
-from events.bus import DLQ_REASON, TopicPartition
+from events.bus import TopicPartition
+from events.contract import decode_task
+from events.deadletter import read
 from events.models import ItemDeleted, ItemFeaturesUpdated, ItemUpserted, event_to_bytes
+from tests.conftest import redis_client
 from tests.events.conftest import Bus, unique
-from workers.dispatcher import TASK_NAME, BatchResult, CelerySender, Dispatcher, DispatcherSettings, coalesce
+from workers.celery_app import APPLY_EVENTS_TASK
+from workers.dispatcher import BatchResult, Dispatcher
+from workers.settings import DispatcherSettings
+from workers.task_queue import CelerySender
 
 
 def up(item: str, v: int) -> ItemUpserted:
@@ -32,7 +39,7 @@ class Handle:
     def get(self, timeout: float) -> dict:
         if self.exc:
             raise self.exc
-        return self.result or {"indexed": [], "deleted": [], "stale": [], "dead_lettered": [], "features": []}
+        return self.result or {"indexed": [], "deleted": [], "stale": [], "dead_lettered": []}
 
 
 class FakeSender:
@@ -52,10 +59,9 @@ class FakeSender:
         return Handle(self.result)
 
 
-def settings(topic: str, dlq: str, **kw: Any) -> DispatcherSettings:
-    base = dict(
-        topic=topic, dlq_topic=dlq, max_batch=64, max_wait_ms=300, retry_backoff_s=0.05, metrics_port=0
-    )
+def settings(topic: str, dlq: str, features: str = "unused-features", **kw: Any) -> DispatcherSettings:
+    base = dict(topic=topic, dlq_topic=dlq, features_topic=features, max_batch=64, max_wait_ms=300,
+                retry_backoff_s=0.05, metrics_port=0)
     return DispatcherSettings(**{**base, **kw})
 
 
@@ -66,6 +72,10 @@ def make(bus: Bus, sender: FakeSender, partitions: int = 1, group: str | None = 
     return topic, dlq, group, Dispatcher(consumer, sender, bus.producer(), settings(topic, dlq, **kw))
 
 
+def ids(call: list[dict]) -> list[str]:
+    return [e["event"]["item_id"] for e in call]
+
+
 def publish(bus: Bus, topic: str, values: list[tuple[str, bytes]]) -> None:
     with bus.producer() as p:
         for key, value in values:
@@ -73,11 +83,15 @@ def publish(bus: Bus, topic: str, values: list[tuple[str, bytes]]) -> None:
         p.flush(10)
 
 
-def dlq_reasons(bus: Bus, dlq: str, n: int, timeout: float = 10) -> list[str]:
+def dlq_letters(bus: Bus, dlq: str, n: int, timeout: float = 10) -> list:
     from tests.events.conftest import drain
 
     with bus.consumer([dlq], unique("dlq")) as c:
-        return sorted(r.header(DLQ_REASON).decode() for r in drain(c, n, timeout=timeout))
+        return [read(r) for r in drain(c, n, timeout=timeout)]
+
+
+def dlq_reasons(bus: Bus, dlq: str, n: int, timeout: float = 10) -> list[str]:
+    return sorted(d.reason for d in dlq_letters(bus, dlq, n, timeout))
 
 
 POISON = [
@@ -87,9 +101,10 @@ POISON = [
 ]
 
 
-def test_coalesces_dead_letters_and_commits(bus: Bus) -> None:
+def test_coalesces_dead_letters_forwards_features_and_commits(bus: Bus) -> None:
     sender = FakeSender()
-    topic, dlq, group, d = make(bus, sender)
+    topic, dlq, group, d = make(bus, sender, features=bus.new_topic(1))
+    features_topic = d.settings.features_topic
     feats = [
         ItemFeaturesUpdated(item_id="c", event_time=t, counters={"clicks": int(t)}) for t in (20.0, 10.0)
     ]
@@ -99,13 +114,25 @@ def test_coalesces_dead_letters_and_commits(bus: Bus) -> None:
         d.run(max_batches=1, idle_timeout=15)
         assert d.consumer.committed(TopicPartition(topic, 0)) == len(events) + len(POISON)
     (call,) = sender.calls
-    assert [(e["type"], e["item_id"], e.get("version")) for e in call] == [
+    sent, rejected = decode_task(call)  # the task's own decoding of what the dispatcher sent
+    assert rejected == []
+    assert [(s.event.type, s.event.item_id, s.event.version) for s in sent] == [
         ("item_upserted", "a", 3),
         ("item_deleted", "b", 5),
-        ("item_features_updated", "c", None),
     ]
-    assert call[2]["counters"]["clicks"] == 20
-    assert dlq_reasons(bus, dlq, 3) == ["invalid_event", "malformed_json", "unknown_schema_version"]
+    # each event keeps its original record, for its dead letter should it fail in the task
+    assert sent[0].raw == event_to_bytes(events[1]) and sent[0].source.topic == topic
+    # feature events never reach the embedding task: both are forwarded to their own topic, as they were
+    from tests.events.conftest import drain
+
+    with bus.consumer([features_topic], unique("f")) as c:
+        assert sorted(r.value for r in drain(c, 2)) == sorted(event_to_bytes(f) for f in feats)
+    letters = dlq_letters(bus, dlq, 3)
+    assert sorted(d.reason for d in letters) == ["invalid_event", "malformed_json", "unknown_schema_version"]
+    for letter in letters:  # one envelope: the original bytes, where they came from, by whom
+        original = dict(POISON)[letter.key]
+        assert letter.original_bytes() == original and letter.stage == "dispatcher"
+        assert letter.source_topic == topic and letter.source_offset is not None and letter.detail
 
 
 def test_failed_task_is_retried_not_skipped_and_dlq_not_duplicated(bus: Bus) -> None:
@@ -158,7 +185,6 @@ def test_task_dead_letters_count_as_done(bus: Bus) -> None:
         "indexed": [],
         "deleted": [],
         "stale": [],
-        "features": [],
         "dead_lettered": [{"item_id": "a", "reason": "bad_image"}],
     }
     sender = FakeSender(result=result)
@@ -194,50 +220,38 @@ def test_batches_are_bounded_by_size_and_split_into_task_chunks() -> None:
     d.run(max_batches=3, idle_timeout=5)
     # at most 4 a task, the tasks of one batch of near-equal size: 10 -> 3+3+4, 5 -> 2+3
     assert [len(c) for c in sender.calls] == [3, 3, 4, 3, 3, 4, 2, 3]
-    assert [e["item_id"] for c in sender.calls for e in c] == [f"i{i}" for i in range(25)]
+    assert [i for c in sender.calls for i in ids(c)] == [f"i{i}" for i in range(25)]
     assert d.consumer.committed(TopicPartition(topic, 0)) == 25
-
-
-def test_coalesce_equal_versions_keep_the_later_record() -> None:
-    later = ItemDeleted(item_id="a", version=2)
-    assert coalesce([up("a", 2), later]) == [later]
-    assert coalesce([later, up("a", 2)])[0].type == "item_upserted"
 
 
 @pytest.mark.integration
 def test_celery_sender_round_trip_with_redis() -> None:
     """The real Celery-backed sender: send_task by name, wait for the result, forget it."""
-    import redis
     from celery import Celery
     from celery.contrib.testing.worker import start_worker
 
     url = "redis://127.0.0.1:6379/11"  # a dedicated DB; only keys this test created are deleted
-    r = redis.Redis.from_url(url)
-    try:
-        r.ping()
-    except redis.ConnectionError:
-        pytest.skip("no Redis on 127.0.0.1:6379")
+    r = redis_client(11)
     before = set(r.keys("*"))
     queue = unique("tongkuan-test")
     app = Celery("dispatcher-test", broker=url, backend=url)
     app.conf.update(task_default_queue=queue, broker_connection_retry_on_startup=False)
 
-    # A name of its own: workers.tasks may already have registered TASK_NAME as a shared task.
-    task_name = unique(TASK_NAME)
+    # A name of its own: workers.tasks may already have registered the task as a shared task.
+    task_name = unique(APPLY_EVENTS_TASK)
 
     @app.task(name=task_name)
     def apply(events: list[dict]) -> dict:
         return {
-            "indexed": [e["item_id"] for e in events],
+            "indexed": [e["event"]["item_id"] for e in events],
             "deleted": [],
             "stale": [],
             "dead_lettered": [],
-            "features": [],
         }
 
     try:
         with start_worker(app, pool="solo", perform_ping_check=False, queues=[queue], loglevel="WARNING"):
-            handle = CelerySender(app, task_name=task_name).send([up("a", 1).model_dump(mode="json")])
+            handle = CelerySender(app, task_name=task_name).send([{"event": up("a", 1).model_dump(mode="json")}])
             deadline = time.monotonic() + 10
             while not handle.ready() and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -283,13 +297,13 @@ def test_pipeline_sends_the_next_batch_while_one_is_in_flight_and_commits_in_ord
     publish(bus, topic, [(i, event_to_bytes(up(i, 1))) for i in ("a", "b", "c", "d", "e", "f")])
     tp = TopicPartition(topic, 0)
     assert _steps(d, 6) == []
-    assert [[e["item_id"] for e in c] for c in sender.calls] == [["a", "b"], ["c", "d"]]  # 2 in flight
+    assert [ids(c) for c in sender.calls] == [["a", "b"], ["c", "d"]]  # 2 in flight
     sender.release(1)  # the younger batch finishes first: nothing may be committed past the older one
     assert _steps(d, 4) == [] and d.consumer.committed(tp) is None
     sender.release(0)
     results = _steps(d, 3)
     assert [r.ok for r in results] == [True, True] and d.consumer.committed(tp) == 4
-    assert [[e["item_id"] for e in c] for c in sender.calls][2] == ["e", "f"]
+    assert [ids(c) for c in sender.calls][2] == ["e", "f"]
 
 
 def test_pipeline_holds_a_batch_that_shares_an_item_with_one_in_flight() -> None:
@@ -304,7 +318,7 @@ def test_pipeline_holds_a_batch_that_shares_an_item_with_one_in_flight() -> None
     assert len(sender.calls) == 1  # [a2, c] waits: item a is in flight (one writer per item)
     sender.release(0)
     _steps(d, 3)
-    assert [(e["item_id"], e["version"]) for e in sender.calls[1]] == [("a", 2), ("c", 1)]
+    assert [(e["event"]["item_id"], e["event"]["version"]) for e in sender.calls[1]] == [("a", 2), ("c", 1)]
     sender.release(1)
     _steps(d, 3)
     assert d.consumer.committed(TopicPartition(topic, 0)) == 4
@@ -334,7 +348,7 @@ def test_a_full_pipeline_waits_without_polling_the_consumer_on_every_tick() -> N
     assert 1 <= len(polls) <= 3 and all(t == 0 for t in polls)  # ...and polls every 0.2 s, paused
     sender.release(0)
     assert [r.ok for r in _steps(d, 3)] == [True]  # then goes on: commits, sends [c, d]
-    assert [[e["item_id"] for e in c] for c in sender.calls] == [["a", "b"], ["c", "d"]]
+    assert [ids(c) for c in sender.calls] == [["a", "b"], ["c", "d"]]
 
 
 def test_split_evenly() -> None:

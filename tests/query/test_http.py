@@ -9,8 +9,9 @@ from events.bus import InMemoryBus
 from events.hook import HookSettings
 from index.edge import EdgeIndex
 from query.searcher import Searcher
-from tests.vision.conftest import DATA, model_dir, pipeline  # noqa: F401 - fixtures
+from tests.conftest import DATA, grocery_root
 from tongkuan.api import create_app
+from tongkuan.config import ApiConfig, ApiSettings
 from workers.catalog import read_catalog
 from workers.fetch import ImageFetcher
 from workers.pipeline import ingest_stream
@@ -19,15 +20,13 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory, pipeline):  # noqa: F811
-    root = DATA / "dataset" / "iconic-images-and-descriptions" / "Fruit"
-    if not root.is_dir():
-        pytest.skip("grocery dataset not available")
+def client(tmp_path_factory, pipeline):
+    root = grocery_root() / "dataset" / "iconic-images-and-descriptions" / "Fruit"
     index = EdgeIndex(tmp_path_factory.mktemp("idx"), pipeline.dim, model_id=pipeline.model_id)
     ingest_stream(read_catalog(root), index=index, embedder=pipeline, fetcher=ImageFetcher())
     searcher = Searcher(index, pipeline, max_image_bytes=2_000_000)
     app = create_app(searcher=searcher, producer=InMemoryBus().producer(),
-                     hook_settings=HookSettings(hook_secret="x" * 40))
+                     config=ApiConfig(hook=HookSettings(secret="x" * 40)))
     with TestClient(app) as c:
         yield c
     index.close()
@@ -73,10 +72,8 @@ def test_metrics_and_health(client):
 
 
 def test_search_off_answers_503(tmp_path):
-    from tongkuan.settings import Settings
-
-    app = create_app(producer=InMemoryBus().producer(), hook_settings=HookSettings(hook_secret="x" * 40),
-                     settings=Settings(data_dir=tmp_path, serve_search=False))
+    app = create_app(producer=InMemoryBus().producer(),
+                     config=ApiConfig(hook=HookSettings(secret="x" * 40), api=ApiSettings(serve_search=False)))
     with TestClient(app) as c:
         r = c.post("/v1/search", content=b"\xff\xd8\xff")
         assert r.status_code == 503 and "not served by this process" in r.text

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-import redis
 
+from tests.conftest import redis_client
 from tests.workers.workers_testlib import ImageServer
 
 
@@ -28,11 +28,7 @@ BROKER = f"redis://127.0.0.1:6379/{REDIS_DB}"
 
 @pytest.fixture
 def redis_db():
-    client = redis.Redis.from_url(BROKER, socket_timeout=2, socket_connect_timeout=2)
-    try:
-        client.ping()
-    except redis.exceptions.ConnectionError:
-        pytest.skip("no Redis on 127.0.0.1:6379")
+    client = redis_client(REDIS_DB)
     yield client
     client.flushdb()
     client.close()

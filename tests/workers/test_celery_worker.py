@@ -1,6 +1,7 @@
-"""A real Celery worker process (``--pool=solo``) against Redis on 127.0.0.1 runs the task on a tiny
-batch: real broker, real result backend, real embedded index on disk, fake embedder (no model
-download), dead letters into a Redis list. Redis DB 13 belongs to this test; it is emptied after."""
+"""A real Celery worker process (``celery -A tongkuan.worker worker --pool=solo``) against Redis on
+127.0.0.1 runs the task on a tiny batch: real broker, real result backend, real embedded index on
+disk, the thumbnail embedder (no model to load), dead letters on the session's Tansu broker. Redis
+DB 13 belongs to this test; it is emptied after."""
 
 from __future__ import annotations
 
@@ -15,12 +16,16 @@ from pathlib import Path
 import httpx
 import pytest
 
+from events.kafka import KafkaEventConsumer, create_topics
 from events.models import ItemDeleted, ItemUpserted
 from index.factory import open_index
+from index.settings import EdgeIndexSettings
+from tests.events.conftest import drain, unique
 from tests.workers.conftest import BROKER
-from tests.workers.workers_testlib import FakeEmbedder, image_bytes
-from tongkuan.settings import Settings
-from workers.celery_app import APPLY_EVENTS_TASK, WorkerSettings, create_app
+from tests.workers.workers_testlib import image_bytes, payload
+from vision.thumbnail import ThumbnailEmbedder
+from workers.celery_app import APPLY_EVENTS_TASK, celery_config, create_app
+from workers.settings import CelerySettings
 
 pytestmark = pytest.mark.integration
 
@@ -34,31 +39,33 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def worker(tmp_path, redis_db):
+def worker(tmp_path, redis_db, kafka_settings):
     queue = f"tongkuan.test.{uuid.uuid4().hex[:8]}"
+    dlq = unique("dlq")
+    create_topics(kafka_settings, {dlq: 1})
     port = free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("TONGKUAN_")},
-        "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests" / "workers")]),
-        "TONGKUAN_BROKER_URL": BROKER,
-        "TONGKUAN_INGEST_QUEUE": queue,
-        "TONGKUAN_DATA_DIR": str(tmp_path / "var"),
-        "TONGKUAN_OBJECT_ROOT": str(tmp_path / "objects"),
-        "TONGKUAN_EMBEDDER_FACTORY": "workers_testlib:fake_embedder",
-        "TONGKUAN_DLQ_FACTORY": "workers_testlib:redis_dead_letters",
-        "TONGKUAN_TEST_DLQ_KEY": f"{queue}.dlq",
-        "TONGKUAN_METRICS_PORT": str(port),
+        "PYTHONPATH": str(REPO),
+        "TONGKUAN_CELERY__BROKER_URL": BROKER,
+        "TONGKUAN_CELERY__QUEUE": queue,
+        "TONGKUAN_INDEX__DIR": str(tmp_path / "var" / "index"),
+        "TONGKUAN_FETCH__OBJECT_ROOT": str(tmp_path / "objects"),
+        "TONGKUAN_WORKER__EMBEDDER": "thumbnail",
+        "TONGKUAN_WORKER__DLQ_TOPIC": dlq,
+        "TONGKUAN_WORKER__METRICS_PORT": str(port),
+        "TONGKUAN_KAFKA__BOOTSTRAP_SERVERS": kafka_settings.bootstrap_servers,
     }
     log = open(tmp_path / "worker.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "--pool=solo",
+        [sys.executable, "-m", "celery", "-A", "tongkuan.worker", "worker", "--pool=solo",
          "--loglevel=INFO", "--without-gossip", "--without-mingle", "--without-heartbeat",
          "-n", f"{queue}@%h"],
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     try:
-        yield {"queue": queue, "metrics_port": port, "dlq_key": env["TONGKUAN_TEST_DLQ_KEY"],
-               "tmp": tmp_path, "proc": proc, "log": tmp_path / "worker.log"}
+        yield {"queue": queue, "metrics_port": port, "dlq": dlq, "tmp": tmp_path, "proc": proc,
+               "log": tmp_path / "worker.log"}
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)  # warm shutdown
@@ -70,7 +77,7 @@ def worker(tmp_path, redis_db):
         log.close()
 
 
-def test_real_worker_applies_a_batch(worker, redis_db):
+def test_real_worker_applies_a_batch(worker, redis_db, kafka_settings):
     objects = worker["tmp"] / "objects"
     objects.mkdir()
     (objects / "red.png").write_bytes(image_bytes((230, 10, 10)))
@@ -79,12 +86,11 @@ def test_real_worker_applies_a_batch(worker, redis_db):
 
     def up(item_id, image, version=1):
         return ItemUpserted(item_id=item_id, version=version, title=item_id, category_path=("Bags",),
-                            images=(image,)).model_dump(mode="json")
+                            images=(image,))
 
-    events = [up("red", "red.png"), up("blue", "blue.jpg", 3), up("junk", "junk.png"),
-              ItemDeleted(item_id="never-seen", version=2).model_dump(mode="json")]
-    ws = WorkerSettings(broker_url=BROKER, ingest_queue=worker["queue"])
-    client = create_app(ws)
+    events = payload(up("red", "red.png"), up("blue", "blue.jpg", 3), up("junk", "junk.png"),
+                     ItemDeleted(item_id="never-seen", version=2))
+    client = create_app(celery_config(CelerySettings(broker_url=BROKER, queue=worker["queue"])), tasks=False)
     try:
         res = client.send_task(APPLY_EVENTS_TASK, args=[events])
         try:
@@ -98,8 +104,11 @@ def test_real_worker_applies_a_batch(worker, redis_db):
     assert sorted(result["indexed"]) == ["blue", "red"]
     assert result["deleted"] == ["never-seen"]
     assert result["dead_lettered"] == [{"item_id": "junk", "reason": "unsupported"}]
-    dlq = redis_db.lrange(worker["dlq_key"], 0, -1)
-    assert len(dlq) == 1 and b'"reason": "unsupported"' in dlq[0]
+    from events.deadletter import read
+
+    with KafkaEventConsumer([worker["dlq"]], unique("g"), kafka_settings) as consumer:
+        (letter,) = [read(r) for r in drain(consumer, 1)]
+    assert (letter.item_id, letter.reason, letter.stage) == ("junk", "unsupported", "task")
 
     # The worker serves /metrics with the ingest metrics and the queue depth.
     body = httpx.get(f"http://127.0.0.1:{worker['metrics_port']}/metrics", timeout=5).text
@@ -111,8 +120,8 @@ def test_real_worker_applies_a_batch(worker, redis_db):
     worker["proc"].send_signal(signal.SIGTERM)
     assert worker["proc"].wait(timeout=15) == 0
     log = worker["log"].read_text()
-    assert "ONNX Runtime providers" in log
-    settings = Settings(data_dir=worker["tmp"] / "var")
-    with open_index(settings, FakeEmbedder.dim, model_id=FakeEmbedder.model_id) as index:
+    assert "model warmed up" in log
+    settings = EdgeIndexSettings(dir=worker["tmp"] / "var" / "index")
+    with open_index(settings, ThumbnailEmbedder.dim, model_id=ThumbnailEmbedder.model_id) as index:
         assert {r.item_id: r.version for r in index.retrieve(["red", "blue", "junk"])} == {"red": 1, "blue": 3}
         assert index.stored_versions(["never-seen"]) == {"never-seen": 2}

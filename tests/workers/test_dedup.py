@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tongkuan.settings import DEFAULT_DATA
+from tests.conftest import grocery_root
 from workers.dedup import EDGE_CHECK_MIN_PIXELS, _past_tolerance, dhash_hex, trim_background
 
 
@@ -76,10 +74,8 @@ def test_random_bordered_pictures_agree() -> None:
 
 
 def test_the_grocery_photos_and_packshots_agree() -> None:
-    root = Path(os.environ.get("TONGKUAN_TEST_GROCERY", str(DEFAULT_DATA)))
-    paths = sorted(root.glob("**/*.jpg"))[::20]
-    if not paths:
-        pytest.skip(f"grocery dataset not found at {root} (set TONGKUAN_TEST_GROCERY)")
+    paths = sorted(grocery_root().glob("**/*.jpg"))[::20]
+    assert paths
     for p in paths:
         with Image.open(p) as f:
             img = f.convert("RGB")

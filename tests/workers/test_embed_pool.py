@@ -1,6 +1,7 @@
 """Embedding processes (``workers.embed_pool``): the same ingest result as on the worker's own
 threads, per-item failures kept, a dead child turned into a retryable error and replaced, children
-that do not outlive the worker, and no mixing of two models' vectors."""
+that do not outlive the worker, several target models from one fetch, and no mixing of two models'
+vectors."""
 
 from __future__ import annotations
 
@@ -18,11 +19,14 @@ from PIL import Image
 
 from events.item import CatalogItem
 from index.edge import EdgeIndex
-from tongkuan.drill import FAST_EMBEDDER_REF, FastEmbedder
-from tongkuan.settings import Settings
-from workers.embed_pool import EmbedPool, EmbedPoolBroken, PooledEmbedder
-from workers.fetch import ImageFetcher
-from workers.pipeline import ingest_items
+from index.targets import ModelRef
+from vision.settings import RuntimeSettings
+from vision.thumbnail import ThumbnailEmbedder
+from workers.embed_pool import EmbedPool, EmbedPoolBroken
+from workers.fetch import FetchSettings, ImageFetcher
+from workers.pipeline import LocalEmbedding, TargetWriteError, ingest, single_target
+
+THUMB = ModelRef("thumbnail", ThumbnailEmbedder.model_id)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -47,29 +51,37 @@ def _pictures(root: Path) -> list[CatalogItem]:
     return items
 
 
+def make_pool(objects: Path, processes: int = 2, kind: str = "thumbnail") -> EmbedPool:
+    return EmbedPool(processes, kind=kind, runtime=RuntimeSettings(), fetch=FetchSettings(object_root=objects),
+                     max_bytes=20 * 1024 * 1024, max_pixels=1_000_000, batch_size=4)
+
+
 @pytest.fixture
 def pool(tmp_path):
-    settings = Settings(object_root=tmp_path / "objects", data_dir=tmp_path / "data")
-    p = EmbedPool(settings, 2, FAST_EMBEDDER_REF, FastEmbedder.model_id)
+    p = make_pool(tmp_path / "objects")
     yield p
     p.close()
 
 
-def _ingest(items, index, embedder, objects):
-    return ingest_items(items, index=index, embedder=embedder, fetcher=ImageFetcher(object_root=objects),
-                        max_pixels=1_000_000, batch_size=4)
+def _ingest(items, index, embedding):
+    return ingest(items, targets=single_target(index, ThumbnailEmbedder(), "thumbnail"), embedding=embedding,
+                  batch_size=4)
+
+
+def _local(objects):
+    return LocalEmbedding.single(ThumbnailEmbedder(), ImageFetcher(object_root=objects), max_pixels=1_000_000,
+                                 batch_size=4)
 
 
 def test_pool_ingests_exactly_what_the_worker_threads_do(tmp_path, pool):
     objects = tmp_path / "objects"
     objects.mkdir()
     items = _pictures(objects)
-    here = EdgeIndex(tmp_path / "here", FastEmbedder.dim, model_id=FastEmbedder.model_id)
-    there = EdgeIndex(tmp_path / "there", FastEmbedder.dim, model_id=FastEmbedder.model_id)
+    here = EdgeIndex(tmp_path / "here", ThumbnailEmbedder.dim, model_id=ThumbnailEmbedder.model_id)
+    there = EdgeIndex(tmp_path / "there", ThumbnailEmbedder.dim, model_id=ThumbnailEmbedder.model_id)
     try:
-        a = _ingest(items, here, FastEmbedder(), objects)
-        pooled = PooledEmbedder(FastEmbedder(), pool)
-        b = _ingest(items, there, pooled, objects)
+        a = _ingest(items, here, _local(objects))
+        b = _ingest(items, there, pool)
         assert sorted(b.indexed) == sorted(a.indexed) and len(b.indexed) == 10  # 9 pictures + the copy
         reasons = {f.item_id: f.reason for f in b.failures}
         assert reasons == {f.item_id: f.reason for f in a.failures} == {
@@ -93,16 +105,15 @@ def test_a_dead_child_fails_the_call_retryably_and_the_next_call_gets_fresh_chil
     objects = tmp_path / "objects"
     objects.mkdir()
     items = _pictures(objects)[:6]
-    index = EdgeIndex(tmp_path / "ix", FastEmbedder.dim, model_id=FastEmbedder.model_id)
+    index = EdgeIndex(tmp_path / "ix", ThumbnailEmbedder.dim, model_id=ThumbnailEmbedder.model_id)
     try:
-        pooled = PooledEmbedder(FastEmbedder(), pool)
-        pool.warm_up(batch=4, rounds=1)
+        pool.warm_up([THUMB], rounds=1)
         victim = pool.pids()[0]
         os.kill(victim, signal.SIGKILL)
         with pytest.raises(EmbedPoolBroken):
-            _ingest(items, index, pooled, objects)
+            _ingest(items, index, pool)
         assert index.count() == 0  # nothing half-written: the batch is retried whole
-        rep = _ingest(items, index, pooled, objects)
+        rep = _ingest(items, index, pool)
         assert len(rep.indexed) == 6 and pool.restarts == 1
         assert victim not in pool.pids()
     finally:
@@ -113,11 +124,15 @@ def test_children_exit_when_the_worker_process_is_killed(tmp_path):
     script = f"""
 import sys, time
 sys.path.insert(0, {str(REPO)!r})
-from tongkuan.drill import FAST_EMBEDDER_REF, FastEmbedder
-from tongkuan.settings import Settings
+from pathlib import Path
+from index.targets import ModelRef
+from vision.settings import RuntimeSettings
+from vision.thumbnail import ThumbnailEmbedder
 from workers.embed_pool import EmbedPool
-pool = EmbedPool(Settings(data_dir={str(tmp_path)!r}), 2, FAST_EMBEDDER_REF, FastEmbedder.model_id)
-pool.warm_up(batch=2, rounds=1)
+from workers.fetch import FetchSettings
+pool = EmbedPool(2, kind="thumbnail", runtime=RuntimeSettings(), fetch=FetchSettings(object_root=Path({str(tmp_path)!r})),
+                 max_bytes=1000000, max_pixels=1000000, batch_size=2)
+pool.warm_up([ModelRef("thumbnail", ThumbnailEmbedder.model_id)], rounds=1)
 print(*pool.pids(), flush=True)
 time.sleep(120)
 """
@@ -144,27 +159,33 @@ def _alive(pid: int) -> bool:
 
 
 def test_a_child_on_another_model_is_refused(tmp_path):
-    settings = Settings(data_dir=tmp_path)
-    with pytest.raises(ValueError, match="pool for"):
-        PooledEmbedder(FastEmbedder(), EmbedPool(settings, 1, FAST_EMBEDDER_REF, "other@1"))
-    pool = EmbedPool(settings, 1, FAST_EMBEDDER_REF, "other@1")
+    pool = make_pool(tmp_path, processes=1)
     try:
-        with pytest.raises(RuntimeError, match="runs drill-fast@0, the worker writes other@1"):
-            pool.warm_up(batch=2, rounds=1)
+        with pytest.raises(TargetWriteError, match=f"runs {ThumbnailEmbedder.model_id} for 'thumbnail'; its generation is other@1"):
+            pool.warm_up([ModelRef("thumbnail", "other@1")], rounds=1)
     finally:
         pool.close()
 
 
-def test_prefork_workers_cannot_have_embedding_processes(monkeypatch):
-    from tongkuan.settings import get_settings
-    from workers.tasks import check_worker_pool
+def test_one_fetch_feeds_every_target_model(tmp_path):
+    """A re-embed's two generations from the pool: each chunk fetched once in a child, embedded with
+    both models there, and each vector the one that model gives in this process."""
+    from vision.registry import ModelRegistry
+    from vision.runtime import VisionPipeline
 
-    monkeypatch.setenv("TONGKUAN_INGEST_PROCESSES", "2")
-    get_settings.cache_clear()
+    objects = tmp_path / "objects"
+    objects.mkdir()
+    items = _pictures(objects)[:5]
+    registry = ModelRegistry(RuntimeSettings().model_dir)
+    names = [registry.active, "lite0-imagenet"]
+    models = [ModelRef(n, registry.get(n).model_id) for n in names]
+    pool = make_pool(objects, processes=1, kind="onnx")
     try:
-        with pytest.raises(RuntimeError, match="ingest_processes needs worker_pool=solo or threads"):
-            check_worker_pool("prefork", 1)
-        check_worker_pool("thread", 2)  # fine
+        (ready, vectors, failures, _), = pool.embed_chunks([items], models)
     finally:
-        monkeypatch.delenv("TONGKUAN_INGEST_PROCESSES")
-        get_settings.cache_clear()
+        pool.close()
+    assert len(ready) == 5 and failures == [] and set(vectors) == {m.model_id for m in models}
+    images = [Image.open(objects / it.image).convert("RGB") for it in items]
+    for name, model in zip(names, models, strict=True):
+        here = VisionPipeline.from_settings(RuntimeSettings(model=name)).embed_catalog(images, batch_size=4)
+        np.testing.assert_allclose(vectors[model.model_id], here, atol=1e-4)

@@ -10,14 +10,8 @@ import httpcore
 import pytest
 
 from tests.workers.workers_testlib import JPEG, PNG
-from workers.fetch import (
-    TRANSIENT_REASONS,
-    FetchError,
-    ImageFetcher,
-    _AllowRule,
-    _VettedBackend,
-    address_refusal,
-)
+from workers.addresses import AllowRule, address_refusal
+from workers.fetch import TRANSIENT_REASONS, FetchError, ImageFetcher, _VettedBackend
 
 
 @pytest.fixture
@@ -241,13 +235,13 @@ def test_public_addresses_pass(ip):
 
 
 def test_allow_rules_parse():
-    assert _AllowRule.parse("10.0.0.0/8").network == ipaddress.ip_network("10.0.0.0/8")
-    assert _AllowRule.parse("127.0.0.1:9000") == _AllowRule(
+    assert AllowRule.parse("10.0.0.0/8").network == ipaddress.ip_network("10.0.0.0/8")
+    assert AllowRule.parse("127.0.0.1:9000") == AllowRule(
         network=ipaddress.ip_network("127.0.0.1/32"), port=9000
     )
-    assert _AllowRule.parse("[::1]:9000").port == 9000
-    assert _AllowRule.parse("fd00::/8").network is not None
-    assert _AllowRule.parse("Minio.Internal.:9000") == _AllowRule(host="minio.internal", port=9000)
+    assert AllowRule.parse("[::1]:9000").port == 9000
+    assert AllowRule.parse("fd00::/8").network is not None
+    assert AllowRule.parse("Minio.Internal.:9000") == AllowRule(host="minio.internal", port=9000)
     with pytest.raises(ValueError):
         ImageFetcher(allow=[""])
 

@@ -24,7 +24,7 @@ DASHBOARD = INFRA / "grafana" / "dashboards" / "tongkuan.json"
 PENDING_METRICS: set[str] = set()
 PENDING_MODULES: set[str] = set()
 
-yaml = pytest.importorskip("yaml", reason="PyYAML not installed (add it to the dev extras)")
+import yaml  # noqa: E402 - the dev extra
 
 
 def load_yaml(path: Path):
@@ -94,8 +94,8 @@ def test_compose_services_reference_existing_things(compose):
 
 
 def _module_of(command: list[str]) -> str:
-    if command[:3] == ["celery", "-A", "workers.celery_app"]:
-        return "workers.celery_app"
+    if command[:2] == ["celery", "-A"]:
+        return command[2]
     if command[:2] == ["python", "-m"]:
         return command[2]
     if command[0] == "uvicorn":
@@ -104,7 +104,7 @@ def _module_of(command: list[str]) -> str:
 
 
 def test_our_service_commands_name_existing_modules(compose):
-    for name in ("api", "dispatcher", "worker", "worker-gpu"):
+    for name in ("api", "dispatcher", "worker", "worker-gpu", "features"):
         module = _module_of(compose["services"][name]["command"])
         if module in PENDING_MODULES and importlib.util.find_spec(module) is None:
             continue
@@ -122,29 +122,33 @@ def test_topics_match_the_code(compose):
 
 
 def test_ports_agree(compose):
-    from workers.celery_app import WorkerSettings
-    from workers.dispatcher import DispatcherSettings
+    from feature_store.event_log import FeatureLogSettings
+    from workers.settings import DispatcherSettings, WorkerSettings
 
     prom = load_yaml(INFRA / "prometheus.yml")
     jobs = {j["job_name"]: j for j in prom["scrape_configs"]}
     services = compose["services"]
     api_cmd = services["api"]["command"]
     assert jobs["api"]["static_configs"][0]["targets"] == [f"api:{api_cmd[api_cmd.index('--port') + 1]}"]
-    disp_port = services["dispatcher"]["environment"]["TONGKUAN_DISPATCHER_METRICS_PORT"]
+    disp_port = services["dispatcher"]["environment"]["TONGKUAN_DISPATCHER__METRICS_PORT"]
     assert jobs["dispatcher"]["static_configs"][0]["targets"] == [f"dispatcher:{disp_port}"]
     assert int(disp_port) == DispatcherSettings.model_fields["metrics_port"].default
-    worker_port = services["worker"]["environment"]["TONGKUAN_METRICS_PORT"]
+    worker_port = services["worker"]["environment"]["TONGKUAN_WORKER__METRICS_PORT"]
     assert jobs["worker"]["dns_sd_configs"][0] == {"names": ["worker"], "type": "A", "port": int(worker_port)}
     assert int(worker_port) == WorkerSettings.model_fields["metrics_port"].default
-    for name in ("dispatcher", "worker"):  # reachable from Prometheus, not only on loopback
-        env = services[name]["environment"]
-        assert "0.0.0.0" in {env.get("TONGKUAN_METRICS_ADDR"), env.get("TONGKUAN_DISPATCHER_METRICS_ADDR")}
+    feat_port = services["features"]["environment"]["TONGKUAN_FEATURES__METRICS_PORT"]
+    assert jobs["features"]["static_configs"][0]["targets"] == [f"features:{feat_port}"]
+    assert int(feat_port) == FeatureLogSettings.model_fields["metrics_port"].default
+    for name, component in (("dispatcher", "DISPATCHER"), ("worker", "WORKER"), ("features", "FEATURES")):
+        env = services[name]["environment"]  # reachable from Prometheus, not only on loopback
+        assert env[f"TONGKUAN_{component}__METRICS_ADDR"] == "0.0.0.0"
     from infra.stack import main as _  # noqa: F401 - importable
     stack = (INFRA / "stack.py").read_text()
     assert f'"--worker-metrics-port", type=int, default={worker_port}' in stack
     assert f'"--dispatcher-metrics-port", type=int, default={disp_port}' in stack
+    assert f'"--features-metrics-port", type=int, default={feat_port}' in stack
     dockerfile = (INFRA / "Dockerfile").read_text()
-    for port in ("8000", worker_port, disp_port):
+    for port in ("8000", worker_port, disp_port, feat_port):
         assert re.search(rf"^EXPOSE .*\b{port}\b", dockerfile, re.M), port
 
 
@@ -201,26 +205,35 @@ def test_stack_stop_ends_a_service_by_its_pid_file(tmp_path):
 
 
 def test_compose_environment_names_real_settings_and_accepted_worker_layouts(compose):
-    """Every TONGKUAN_* variable in compose is a field of one of the settings classes (a typo would
-    be silently ignored by the worker's settings), and each worker's pool layout is one the worker
-    accepts at start-up (``workers.tasks.check_worker_pool``)."""
-    from events.hook import HookSettings
-    from events.kafka import KafkaSettings
-    from tongkuan.settings import Settings
-    from workers.celery_app import WorkerSettings
-    from workers.dispatcher import DispatcherSettings
-    from workers.tasks import check_layout
+    """Every TONGKUAN_* variable in compose is a setting of some process (the shared block serves
+    them all; a typo would be ignored by the processes that do not read that component), the
+    service's own process reads its environment without an error, and each worker's pool layout is
+    one the worker accepts at start-up (``workers.runtime.check_layout``)."""
+    from tongkuan.config import PROCESSES, WorkerConfig, component_classes
+    from workers.runtime import check_layout
 
-    known = {f"{cls.model_config['env_prefix']}{f.upper()}"
-             for cls in (Settings, WorkerSettings, DispatcherSettings, HookSettings, KafkaSettings)
-             for f in cls.model_fields}
+    roles = {"api": "api", "dispatcher": "dispatcher", "worker": "worker", "worker-gpu": "worker",
+             "features": "features"}
+    known = set()
+    for root in PROCESSES.values():
+        for component, field in root.model_fields.items():
+            subfields = set()
+            for cls in component_classes(field.annotation):
+                subfields |= set(cls.model_fields)
+            known |= {f"TONGKUAN_{component.upper()}__{f.upper()}" for f in subfields} or {
+                f"TONGKUAN_{component.upper()}"}
     for name, svc in compose["services"].items():
-        env = svc.get("environment") or {}
-        unknown = {k for k in env if k.startswith("TONGKUAN_") and k not in known}
+        env = {k: str(v) for k, v in (svc.get("environment") or {}).items() if k.startswith("TONGKUAN_")}
+        if not env:
+            continue
+        unknown = set(env) - known
         assert not unknown, f"{name}: {sorted(unknown)}"
-        if "TONGKUAN_WORKER_POOL" in env:
-            ws = WorkerSettings(worker_pool=env["TONGKUAN_WORKER_POOL"],
-                                worker_concurrency=int(env.get("TONGKUAN_WORKER_CONCURRENCY", 1)))
-            s = Settings(index_backend=env.get("TONGKUAN_INDEX_BACKEND", "qdrant"),
-                         ingest_processes=int(env.get("TONGKUAN_INGEST_PROCESSES", 0)))
-            check_layout(s, ws.worker_pool, ws.worker_concurrency)
+        root = PROCESSES[roles[name]]
+        with pytest.MonkeyPatch.context() as mp:
+            for k, v in env.items():
+                mp.setenv(k, v)
+            if "TONGKUAN_HOOK__SECRET" in env:
+                mp.setenv("TONGKUAN_HOOK__SECRET", "x" * 40)  # the compose file asks the operator for it
+            cfg = root()  # every value parses and validates as that process would read it
+        if isinstance(cfg, WorkerConfig):
+            check_layout(cfg.index, cfg.worker, cfg.worker.pool, cfg.worker.concurrency)

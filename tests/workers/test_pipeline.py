@@ -13,19 +13,9 @@ from PIL import Image
 
 from events.item import CatalogItem
 from index.edge import EdgeIndex
+from vision.thumbnail import ThumbnailEmbedder as ColourEmbedder
 from workers.fetch import ImageFetcher
 from workers.pipeline import delete_items, ingest_items, ingest_stream
-
-
-class ColourEmbedder:
-    """8x8 thumbnail as a 192-d unit vector: similar pictures get similar vectors."""
-
-    model_id = "test-colour@0"
-    dim = 192
-
-    def embed_catalog(self, images, batch_size=32):
-        out = np.stack([np.asarray(im.convert("RGB").resize((8, 8)), dtype=np.float32).ravel() + 1.0 for im in images])
-        return out / np.linalg.norm(out, axis=1, keepdims=True)
 
 
 def _jpeg(path, colour, size=(64, 64), stripe=None):

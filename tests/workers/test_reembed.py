@@ -10,14 +10,23 @@ import numpy as np
 import pytest
 
 from events.item import CatalogItem
-from index.generations import POINTER_FILE, GenerationManager, acquire_index, release_index
+from events.models import ItemDeleted, ItemUpserted
+from index.factory import open_index
+from index.generations import GenerationManager
+from index.serving import ServingHolder
+from index.settings import EdgeIndexSettings
+from index.state import POINTER_FILE, GenerationError
 from query.searcher import Searcher
-from tests.workers.workers_testlib import ScriptedFetcher, image_bytes
-from tongkuan.settings import Settings
+from tests.workers.workers_testlib import RecordingDeadLetters, ScriptedFetcher, image_bytes, sourced
+from vision.settings import ImageSettings, RuntimeSettings
 from workers import reembed as rj
-from workers.celery_app import app
-from workers.fetch import FetchError
+from workers import runtime as worker_runtime
+from workers.batch import apply_batch
+from workers.celery_app import REEMBED_TASK
+from workers.fetch import FetchError, FetchSettings
 from workers.pipeline import ingest_items
+from workers.runtime import build_runtime
+from workers.settings import WorkerSettings
 
 
 class ThumbEmbedder:
@@ -48,20 +57,29 @@ def item(k: int, version: int = 1, ref: str | None = None) -> CatalogItem:
 
 @pytest.fixture
 def env(tmp_path):
-    settings = Settings(data_dir=tmp_path / "var", model_dir=tmp_path / "models", ingest_batch_size=4)
+    settings = EdgeIndexSettings(dir=tmp_path / "var" / "index")
     script = {f"img/{k}": image_bytes(COLORS[k]) for k in range(len(COLORS))}
     fetcher = ScriptedFetcher(script)
     models = {"a": ThumbEmbedder("a@1", 8), "b": ThumbEmbedder("b@1", 4)}
-    rj.set_pipeline_factory(lambda s, name: models[name], fetcher)
-    mgr = GenerationManager(settings, registry=None)
+    mgr = GenerationManager(settings)
     # Generation A: the catalog as the serving model indexed it.
-    ix = acquire_index(settings, 192, model_id="a@1")
-    ingest_items([item(k) for k in range(8)], index=ix, embedder=models["a"], fetcher=fetcher)
-    release_index(settings, ix)
+    with open_index(settings, 192, model_id="a@1") as ix:
+        ingest_items([item(k) for k in range(8)], index=ix, embedder=models["a"], fetcher=fetcher)
     mgr.adopt("a@1", name="a", dim=192)
-    yield settings, mgr, models, fetcher
-    rj.set_pipeline_factory(None)
+    rt = build_runtime(worker=WorkerSettings(embedder="thumbnail", ingest_batch_size=4), runtime=RuntimeSettings(),
+                       image=ImageSettings(), index=settings, fetch=FetchSettings(), dead_letters=RecordingDeadLetters())
+    rt.load = models.__getitem__
+    rt.fetcher = rt.embedding.fetcher = fetcher
+    rt.embedding.load = lambda m: models[m.name]
+    yield rt, mgr, models, fetcher
+    rt.close()
     mgr.close()
+
+
+def up(k: int, version: int = 1, ref: str | None = None) -> ItemUpserted:
+    it = item(k, version, ref)
+    return ItemUpserted(item_id=it.item_id, version=version, title=it.title, category_path=it.category_path,
+                        images=(it.image,), price=it.price, shop=it.shop)
 
 
 def query_vec(models, name: str, k: int) -> np.ndarray:
@@ -71,7 +89,7 @@ def query_vec(models, name: str, k: int) -> np.ndarray:
 
 
 def test_reembed_while_serving_events_reach_both_then_switch_and_rollback(env) -> None:
-    settings, mgr, models, fetcher = env
+    rt, mgr, models, fetcher = env
     started, go = threading.Event(), threading.Event()
 
     def gate() -> None:  # hold the re-embed's first batch until the test has done its checks
@@ -80,10 +98,10 @@ def test_reembed_while_serving_events_reach_both_then_switch_and_rollback(env) -
             assert go.wait(10)
 
     models["b"].gate = gate
-    holder = mgr.open_serving(lambda name: models[name])
+    holder = ServingHolder(mgr, lambda name: models[name])
+    holder.refresh()
     out: dict = {}
-    t = threading.Thread(target=lambda: out.update(rep=rj.reembed(settings, "b", progress=False, manager=mgr)),
-                         name="reembed")
+    t = threading.Thread(target=lambda: out.update(rep=rj.reembed(rt, "b", progress=False)), name="reembed")
     t.start()
     assert started.wait(10)
     assert (mgr.serving(), mgr.building()) == ("a@1", "b@1")
@@ -93,14 +111,14 @@ def test_reembed_while_serving_events_reach_both_then_switch_and_rollback(env) -
         _, hits = Searcher(h.index, h.pipeline).search_vector(query_vec(models, "a", 3), limit=3)
         assert h.pipeline.model_id == "a@1" and hits[0].item_id == "sku-3"
 
-    # Events during the build: through the dual-write hook the worker task will call.
+    # Events during the build, through the worker's batch: they reach both generations.
     fetcher.script["img/new"] = image_bytes(COLORS[8])
     fetcher.script["img/upd"] = image_bytes(COLORS[9])
-    with mgr.opened("a@1") as ix_a:
-        rep = rj.ingest_to_targets([item(8, ref="img/new"), item(1, version=2, ref="img/upd")],
-                                   index=ix_a, embedder=models["a"], fetcher=fetcher, settings=settings)
-        assert sorted(rep.indexed) == ["sku-1", "sku-8"]
-        rj.delete_from_targets(["sku-2"], index=ix_a, versions=[5], settings=settings, model_id="a@1")
+    calls = len(fetcher.calls)
+    out_batch = apply_batch(sourced(up(8, ref="img/new"), up(1, version=2, ref="img/upd"),
+                                    ItemDeleted(item_id="sku-2", version=5)), rt)
+    assert sorted(out_batch.indexed) == ["sku-1", "sku-8"] and out_batch.deleted == ["sku-2"]
+    assert len(fetcher.calls) == calls + 2  # fetched once each, embedded with both models
     with mgr.opened("b@1") as ix_b:
         assert {r.item_id: r.version for r in ix_b.retrieve(["sku-1", "sku-8", "sku-2"])} == {"sku-1": 2, "sku-8": 1}
         assert ix_b.stored_versions(["sku-2"]) == {"sku-2": 5}  # tombstone: the copy cannot resurrect it
@@ -112,7 +130,7 @@ def test_reembed_while_serving_events_reach_both_then_switch_and_rollback(env) -
     assert rep.switched and rep.missing == [] and rep.failures == [] and rep.extra == []
     assert rep.source_count == rep.target_count == 8  # 8 built - 1 deleted + 1 created
     assert rep.already >= 1  # the copy skipped what the dual writes had already put there
-    assert '"serving": "b@1"' in (settings.index_dir / POINTER_FILE).read_text()
+    assert '"serving": "b@1"' in (mgr.settings.dir / POINTER_FILE).read_text()
     assert (mgr.serving(), mgr.previous(), mgr.building()) == ("b@1", "a@1", None)
 
     # Serving follows the pointer; the new generation has the event's version, in its own dimension.
@@ -133,9 +151,9 @@ def test_reembed_while_serving_events_reach_both_then_switch_and_rollback(env) -
 
 
 def test_failed_item_is_reported_blocks_nothing_else(env) -> None:
-    settings, mgr, models, fetcher = env
+    rt, mgr, models, fetcher = env
     fetcher.script["img/5"] = FetchError("missing", "gone from the object store")
-    rep = rj.reembed(settings, "b", progress=False, manager=mgr)
+    rep = rj.reembed(rt, "b", progress=False)
     assert [(f.item_id, f.reason) for f in rep.failures] == [("sku-5", "missing")]
     assert rep.missing == ["sku-5"] and not rep.switched and rep.repaired == 1
     assert (mgr.serving(), mgr.building()) == ("a@1", "b@1")
@@ -144,42 +162,50 @@ def test_failed_item_is_reported_blocks_nothing_else(env) -> None:
 
     # Re-running resumes (nothing re-embedded), and an operator may accept the gap.
     calls = models["b"].calls
-    rep = rj.reembed(settings, "b", progress=False, manager=mgr, allow_missing=1)
+    rep = rj.reembed(rt, "b", progress=False, allow_missing=1)
     assert rep.switched and rep.missing == ["sku-5"] and rep.already == 7 and rep.indexed == 0
     assert models["b"].calls == calls  # only sku-5's failed attempts: no embedding at all
     assert mgr.serving() == "b@1"
 
 
-def test_via_celery_task_path(env, monkeypatch) -> None:
-    """The tongkuan.reembed_batch task through the worker app (eagerly: same process)."""
-    settings, mgr, models, fetcher = env
-    monkeypatch.setattr(rj, "get_settings", lambda: settings)  # the task reads the process settings
-    eager = app.conf.task_always_eager
-    app.conf.task_always_eager = True  # (celery's conf does not survive monkeypatch's undo)
+class EagerApp:
+    """Sends by name as a Celery app does, and runs the task at once in this process."""
+
+    class conf:  # noqa: N801
+        task_always_eager = True
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    def send_task(self, name, args=(), **_):
+        from workers.tasks import reembed_batch
+
+        self.sent.append(name)
+        assert name == REEMBED_TASK
+        return reembed_batch.apply(args=args)
+
+
+def test_via_celery_task_path(env) -> None:
+    """The tongkuan.reembed_batch task, sent by name, run by the worker's task on its runtime."""
+    rt, mgr, models, fetcher = env
+    previous = worker_runtime.set_runtime(rt)
     try:
-        rep = rj.reembed(settings, "b", via_celery=True, progress=False, manager=mgr)
+        app = EagerApp()
+        rep = rj.reembed(rt, "b", app=app, progress=False)
     finally:
-        app.conf.task_always_eager = eager
+        worker_runtime.set_runtime(previous)
     assert rep.switched and rep.indexed == 8 and rep.target_count == 8
-    assert rj.REEMBED_TASK in app.tasks
+    assert set(app.sent) == {REEMBED_TASK} and len(app.sent) == 2  # 8 items in pages of 4
 
 
 def test_stale_task_writes_nothing_and_edge_refuses_real_celery(env) -> None:
-    settings, mgr, models, fetcher = env
-    out = rj.reembed_items([item(0)], settings=settings, model_name="b", manager=mgr)
+    rt, mgr, models, fetcher = env
+    out = rj.reembed_items([item(0)], model_name="b", runtime=rt)
     assert out["skipped"] == ["sku-0"] and out["indexed"] == []  # b is not being built
-    from index.generations import GenerationError
+
+    class RealApp(EagerApp):
+        class conf:  # noqa: N801
+            task_always_eager = False
 
     with pytest.raises(GenerationError, match="qdrant"):
-        rj.reembed(settings, "b", via_celery=True, progress=False, manager=mgr)
-
-
-def test_cli_status_and_model(env, monkeypatch, capsys) -> None:
-    settings, mgr, models, fetcher = env
-    monkeypatch.setattr(rj, "get_settings", lambda: settings)
-    monkeypatch.setattr("vision.registry.ModelRegistry.set_active", lambda self, name: None)
-    assert rj.main(["--status"]) == 0
-    assert '"serving": "a@1"' in capsys.readouterr().out
-    assert rj.main(["--model", "b"]) == 0
-    assert '"switched": true' in capsys.readouterr().out
-    assert rj.main(["--rollback"]) == 0 and mgr.serving() == "a@1"
+        rj.reembed(rt, "b", app=RealApp(), progress=False)

@@ -114,34 +114,12 @@ class ImageServer:
 
 
 
-# --- fakes for the task tests (also loaded by the real Celery worker via factory settings) --------
+# --- fakes for the task tests --------------------------------------------------------------------
 
-import json  # noqa: E402
-import os  # noqa: E402
-
-import numpy as np  # noqa: E402
-
+from events.contract import Sourced, encode_task  # noqa: E402
+from events.deadletter import DeadLetter  # noqa: E402
+from events.models import ItemDeleted, ItemUpserted, event_to_bytes  # noqa: E402
 from workers.fetch import FetchError  # noqa: E402
-
-
-class FakeEmbedder:
-    """8x8 thumbnail + 1 as a 192-d unit vector: deterministic, similar pictures → similar vectors."""
-
-    model_id = "test-fake@0"
-    dim = 192
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def embed_catalog(self, images, batch_size=32):
-        self.calls += 1
-        out = np.stack([np.asarray(im.convert("RGB").resize((8, 8)), dtype=np.float32).ravel() + 1.0
-                        for im in images])
-        return out / np.linalg.norm(out, axis=1, keepdims=True)
-
-
-def fake_embedder(settings) -> FakeEmbedder:
-    return FakeEmbedder()
 
 
 class ScriptedFetcher:
@@ -167,8 +145,11 @@ def transient(reason: str = "timeout") -> FetchError:
 
 
 class RecordingDeadLetters:
+    """A dead-letter producer that keeps (topic, key, DeadLetter, headers); ``fail_times`` first
+    publishes raise (a broker outage)."""
+
     def __init__(self, fail_times: int = 0):
-        self.records: list[tuple[str, bytes, dict, list]] = []
+        self.records: list[tuple[str, str | None, DeadLetter, dict]] = []
         self.flushes = 0
         self.fail_times = fail_times
 
@@ -176,27 +157,47 @@ class RecordingDeadLetters:
         if self.fail_times > 0:
             self.fail_times -= 1
             raise ConnectionError("scripted broker outage")
-        self.records.append((topic, key, json.loads(value), list(headers or [])))
+        self.records.append((topic, key, DeadLetter.model_validate_json(value), dict(headers or {})))
 
-    def flush(self):
+    def flush(self, timeout=None):
         self.flushes += 1
 
 
-class RedisDeadLetters:
-    """DLQ publisher for the real-worker test: RPUSH records to ``TONGKUAN_TEST_DLQ_KEY``."""
-
-    def __init__(self, url: str, key: str):
-        import redis
-
-        self.redis = redis.Redis.from_url(url)
-        self.key = key
-
-    def publish(self, topic, key, value, headers=None):
-        self.redis.rpush(self.key, json.dumps({"topic": topic, "key": key.decode(), "value": json.loads(value)}))
-
-    def flush(self):
-        pass
+def up(item_id: str, version: int = 1, image: str | None = None, cat=("Shoes", "Sneakers"), **kw) -> ItemUpserted:
+    return ItemUpserted(item_id=item_id, version=version, title=f"title {item_id}", category_path=cat,
+                        images=(image or f"img/{item_id}",), **kw)
 
 
-def redis_dead_letters(settings, ws) -> RedisDeadLetters:
-    return RedisDeadLetters(ws.broker_url, os.environ["TONGKUAN_TEST_DLQ_KEY"])
+def gone(item_id: str, version: int) -> ItemDeleted:
+    return ItemDeleted(item_id=item_id, version=version)
+
+
+def sourced(*events) -> list[Sourced]:
+    return [Sourced(e, event_to_bytes(e)) for e in events]
+
+
+def payload(*events) -> list[dict]:
+    """The task's argument, as the dispatcher encodes it."""
+    return encode_task(sourced(*events))
+
+
+def scripted_runtime(root, script: dict, *, dead_letters=None, **worker):
+    """A real worker runtime (``build_runtime``: generation state, write targets, the thumbnail
+    embedder, an Edge index under ``root``) whose fetcher answers from ``script``."""
+    from index.settings import EdgeIndexSettings
+    from vision.settings import ImageSettings, RuntimeSettings
+    from workers.fetch import FetchSettings
+    from workers.runtime import build_runtime
+    from workers.settings import WorkerSettings
+
+    rt = build_runtime(worker=WorkerSettings(embedder="thumbnail", **worker), runtime=RuntimeSettings(),
+                       image=ImageSettings(max_bytes=1024 * 1024), index=EdgeIndexSettings(dir=root / "index"),
+                       fetch=FetchSettings(), dead_letters=dead_letters or RecordingDeadLetters())
+    fetcher = ScriptedFetcher(script)
+    rt.fetcher = rt.embedding.fetcher = fetcher
+    return rt
+
+
+def serving_index(rt):
+    return rt.targets.current()[0].index
+

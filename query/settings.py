@@ -1,0 +1,20 @@
+"""Settings of the query pipeline (env ``TONGKUAN_SEARCH__*``)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from query.category import DEFAULT_K
+
+
+class SearchSettings(BaseModel):
+    """The query pipeline: candidates, the category vote and shard routing."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    candidate_k: int = Field(default=60, ge=1, le=1000, description="visual candidates per query (the re-rank pool)")
+    category_k: int = Field(default=DEFAULT_K, ge=1, le=200, description="neighbours in the category vote")
+    shard_min_confidence: float = Field(default=0.6, ge=0, le=1, description="search only the voted shard "
+                                        "when its probability is at least this, else every shard")
+    classifier_weight: float = Field(default=0.5, ge=0, le=1, description="weight of the model's classifier "
+                                     "head against the neighbours' vote")

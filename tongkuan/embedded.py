@@ -1,0 +1,60 @@
+"""The event path in one process, on the in-memory bus: hook validation → ``catalog.items`` →
+the dispatcher → the ingest task's batch logic (run inline) → the index, and ``catalog.features`` →
+the feature-event log. The same code as the stack, without Kafka, Redis or Celery: the demo runs on
+it, and so do the property tests of the event contract.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from events.bus import InMemoryBus
+from events.contract import decode_task
+from events.deadletter import DeadLetter, read
+from events.hook import publish_events
+from events.models import CatalogEvent
+from events.topics import ALL_TOPICS, CATALOG_FEATURES, CATALOG_ITEMS, CATALOG_ITEMS_DLQ
+from feature_store.event_log import FeatureEventLog, FeatureLogConsumer, FeatureLogSettings
+from workers.batch import apply_batch
+from workers.dispatcher import Dispatcher
+from workers.runtime import WorkerRuntime
+from workers.settings import DispatcherSettings
+from workers.task_queue import InlineSender
+
+
+class EmbeddedEvents:
+    def __init__(self, runtime: WorkerRuntime, feature_log: FeatureEventLog,
+                 dispatcher: DispatcherSettings | None = None) -> None:
+        self.runtime = runtime
+        self.bus = InMemoryBus(partitions=3)
+        for topic in ALL_TOPICS:
+            self.bus.create_topic(topic, 1 if topic == CATALOG_ITEMS_DLQ else None)
+        settings = dispatcher or DispatcherSettings(max_wait_ms=0, metrics_port=0, retry_backoff_s=0.01)
+        self.dispatcher = Dispatcher(self.bus.consumer([settings.topic], settings.group_id), InlineSender(self._apply),
+                                     self.bus.producer(), settings)
+        fs = FeatureLogSettings(path=feature_log.path)
+        self.features = FeatureLogConsumer(self.bus.consumer([CATALOG_FEATURES], fs.group_id), feature_log,
+                                           self.bus.producer(), fs)
+
+    def _apply(self, payload: list[dict[str, Any]]) -> dict[str, Any]:
+        sourced, rejected = decode_task(payload)
+        return apply_batch(sourced, self.runtime, rejected=rejected).result()
+
+    def publish(self, events: Sequence[CatalogEvent]) -> None:
+        """What the hook does with valid events: each to its topic, keyed by item id, flushed."""
+        publish_events(self.bus.producer(), events, timeout=5.0)
+
+    def publish_raw(self, records: Sequence[tuple[str, bytes]]) -> None:
+        """Records as another producer might write them to ``catalog.items`` (poison included)."""
+        with self.bus.producer() as p:
+            for key, value in records:
+                p.publish(CATALOG_ITEMS, key, value)
+
+    def run_until_idle(self, idle_s: float = 0.2) -> None:
+        """Dispatch and apply everything published so far; log the feature events."""
+        self.dispatcher.run(idle_timeout=idle_s)
+        self.features.run(idle_timeout=idle_s)
+
+    def dead_letters(self) -> list[DeadLetter]:
+        return [read(r) for r in self.bus.records(CATALOG_ITEMS_DLQ)]
