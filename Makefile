@@ -10,11 +10,14 @@ export HF_HUB_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help venv model demo test test-all eval train bench-embed bench-ingest drill up down lint clean
+.PHONY: help venv model demo test test-all serving-install eval train bench-embed bench-ingest drill up down \
+	config lint clean
 
 help: ## list the targets
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-14s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-16s %s\n", $$1, $$2}'
 
+# The development venv: every pinned dependency of the serving install and of its extras
+# (train, bench, dev: torch 2.13.0 CPU, matplotlib, scikit-learn, pytest, ...).
 $(STAMP): pyproject.toml requirements.lock
 	@test -x $(PY) || $(PY_BOOT) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -22,13 +25,13 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 
-venv: $(STAMP) ## create .venv with the pinned dependencies (torch 2.13.0 CPU)
+venv: $(STAMP) ## create .venv with the pinned dependencies and every extra (torch 2.13.0 CPU)
 
 model: $(STAMP) ## export the ImageNet EfficientNet-Lite0 to ONNX (cached, checksummed); verify shipped models
-	$(PY) -m vision.export
+	$(PY) -m offline model
 
-demo: model ## ingest the grocery catalog into a fresh embedded index, search val photos, print metrics
-	$(PY) -m tongkuan.cli demo --data $(DATA)
+demo: model ## ingest the grocery catalog into a fresh embedded index, search val photos, apply events, print metrics
+	$(PY) -m offline demo --data $(DATA)
 
 test: model ## the fast, complete test suite (CPU, local services, < 10 min)
 	$(PY) -m pytest -q -m "not slow"
@@ -36,26 +39,39 @@ test: model ## the fast, complete test suite (CPU, local services, < 10 min)
 test-all: model ## every test, slow ones included
 	$(PY) -m pytest -q
 
+serving-install: ## `pip install .` into an empty venv: the API and the worker import without torch
+	rm -rf var/serving-venv && $(PY_BOOT) -m venv var/serving-venv
+	var/serving-venv/bin/python -m pip install -q --constraint requirements.lock .
+	cd /tmp && $(abspath var/serving-venv/bin/python) -c "import tongkuan.api, tongkuan.worker, \
+	tongkuan.dispatcher, tongkuan.features, tongkuan.cli; print('serving install imports: ok')"
+	cd /tmp && ! $(abspath var/serving-venv/bin/python) -c "import torch" 2>/dev/null
+	cd /tmp && ! $(abspath var/serving-venv/bin/python) -c "import matplotlib" 2>/dev/null
+	@echo "serving install: no torch, no matplotlib"
+	rm -rf var/serving-venv
+
 eval: model ## Recall@K/mAP/category accuracy: make eval DATA=DIR SPLIT=NAME
-	$(PY) -m tongkuan.cli eval --data $(DATA) --split $(SPLIT)
+	$(PY) -m offline eval --data $(DATA) --split $(SPLIT)
 
 train: model ## fine-tune the same-product embedding on DATA's train split (CPU ~30 min), export + register
-	$(PY) -m tongkuan.cli train --data $(DATA) $(TRAIN_ARGS)
+	$(PY) -m offline train --data $(DATA) $(TRAIN_ARGS)
 
 bench-embed: model ## images/s torch vs ONNX Runtime, per-stage query latency -> reports/bench-embed.json
-	$(PY) -m tongkuan.bench_embed --data $(DATA)
+	$(PY) -m offline bench-embed --data $(DATA)
 
 bench-ingest: model ## event published -> searchable items/s vs the embedding ceiling; latency at half rate (BENCH_ARGS="--data DIR --split train": real photos)
-	$(PY) -m tongkuan.bench_ingest $(BENCH_ARGS)
+	$(PY) -m offline bench-ingest $(BENCH_ARGS)
 
 drill: model ## reliability drill on the real broker/Redis/workers -> reports/drill.json
-	$(PY) -m tongkuan.drill
+	$(PY) -m offline drill
 
-up: model ## start the local stack (Tansu broker, Celery worker, dispatcher, API) with health checks
+up: model ## start the local stack (Tansu broker, Celery worker, dispatcher, feature consumer, API) with health checks
 	$(PY) -m infra.stack start
 
 down: ## stop the local stack
 	$(PY) -m infra.stack stop
+
+config: $(STAMP) ## print the configuration reference (every TONGKUAN_* setting)
+	@$(PY) -m tongkuan.config
 
 lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check .

@@ -1,0 +1,33 @@
+"""``python -m offline TOOL [ARGS]``: the offline tools, each with its own ``--help``."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+TOOLS = {
+    "demo": ("offline.demo", "ingest the grocery catalog, search val photos, apply events, print metrics"),
+    "eval": ("offline.evaluate", "Recall@K / mAP / category accuracy: --data DIR --split NAME"),
+    "train": ("offline.training.train", "fine-tune the same-product embedding, export and register it"),
+    "model": ("offline.training.imagenet", "export the ImageNet EfficientNet-Lite0 to ONNX; verify shipped models"),
+    "tune": ("offline.tune", "the ImageNet model's pooling / scale / crop grid"),
+    "hygiene": ("offline.hygiene.__main__", "catalog hygiene reports: dupes | denoise | merge"),
+    "bench-embed": ("offline.bench.embed", "images/s torch vs ONNX Runtime, per-stage query latency"),
+    "bench-ingest": ("offline.bench.ingest", "event published -> searchable items/s vs the embedding ceiling"),
+    "drill": ("offline.drill", "reliability drill on the real broker, Redis, worker and dispatcher"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in TOOLS:
+        print("usage: python -m offline TOOL [ARGS]\n")
+        for name, (_, what) in TOOLS.items():
+            print(f"  {name:<13} {what}")
+        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+    module = importlib.import_module(TOOLS[argv[0]][0])
+    return int(module.main(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
