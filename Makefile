@@ -4,7 +4,9 @@ PY_BOOT ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DATA ?= $(abspath ../shared/datasets/grocery)
+# The dataset: shared/datasets/grocery beside the checkout (or beside a parent of it) unless DATA=DIR.
+DATA ?=
+DATA_ARG = $(if $(DATA),--data $(abspath $(DATA)))
 SPLIT ?= val
 export HF_HUB_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
@@ -31,7 +33,7 @@ model: $(STAMP) ## export the ImageNet EfficientNet-Lite0 to ONNX (cached, check
 	$(PY) -m offline model
 
 demo: model ## ingest the grocery catalog into a fresh embedded index, search val photos, apply events, print metrics
-	$(PY) -m offline demo --data $(DATA)
+	$(PY) -m offline demo $(DATA_ARG)
 
 test: model ## the fast, complete test suite (CPU, local services, < 10 min)
 	$(PY) -m pytest -q -m "not slow"
@@ -50,13 +52,13 @@ serving-install: ## `pip install .` into an empty venv: the API and the worker i
 	rm -rf var/serving-venv
 
 eval: model ## Recall@K/mAP/category accuracy: make eval DATA=DIR SPLIT=NAME
-	$(PY) -m offline eval --data $(DATA) --split $(SPLIT)
+	$(PY) -m offline eval $(DATA_ARG) --split $(SPLIT)
 
 train: model ## fine-tune the same-product embedding on DATA's train split (CPU ~30 min), export + register
-	$(PY) -m offline train --data $(DATA) $(TRAIN_ARGS)
+	$(PY) -m offline train $(DATA_ARG) $(TRAIN_ARGS)
 
 bench-embed: model ## images/s torch vs ONNX Runtime, per-stage query latency -> reports/bench-embed.json
-	$(PY) -m offline bench-embed --data $(DATA)
+	$(PY) -m offline bench-embed $(DATA_ARG)
 
 bench-ingest: model ## event published -> searchable items/s vs the embedding ceiling; latency at half rate (BENCH_ARGS="--data DIR --split train": real photos)
 	$(PY) -m offline bench-ingest $(BENCH_ARGS)

@@ -16,8 +16,19 @@ from workers.catalog import read_title
 
 ICONIC_DIR = "iconic-images-and-descriptions"
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# The GroceryStore dataset beside the checkout (shared/ sits next to the repository).
-DEFAULT_DATA = REPO_ROOT.parent / "shared" / "datasets" / "grocery"
+
+
+def _beside_the_checkout() -> Path:
+    """The GroceryStore dataset in ``shared/datasets/grocery`` beside the checkout, or beside one
+    of its parent directories (a clone made one level deeper); the plain sibling when none has it."""
+    for parent in REPO_ROOT.parents:
+        candidate = parent / "shared" / "datasets" / "grocery"
+        if candidate.is_dir():
+            return candidate
+    return REPO_ROOT.parent / "shared" / "datasets" / "grocery"
+
+
+DEFAULT_DATA = _beside_the_checkout()
 REPORTS = REPO_ROOT / "reports"
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from offline.datasets import DEFAULT_DATA
 from offline.training.cached import cache_clean, cache_views, embed_cached, feature_augment
 from offline.training.data import PKSampler, TrainSet, parse_class_spec, read_classes, read_split
 from offline.training.evaluate import embed_paths, metrics_from_embeddings, torch_embed_fn
@@ -35,7 +36,7 @@ from vision.preprocess import Preprocess
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", required=True, help="dataset root (GroceryStore layout)")
+    ap.add_argument("--data", default=str(DEFAULT_DATA), help="dataset root (GroceryStore layout)")
     ap.add_argument("--train-split", default="train")
     ap.add_argument("--val-split", default="val")
     ap.add_argument("--classes", default="", help="fine ids to train on, e.g. 0-40 (default: all)")
