@@ -30,6 +30,8 @@ class EmbeddedEvents:
         self.bus = InMemoryBus(partitions=3)
         for topic in ALL_TOPICS:
             self.bus.create_topic(topic, 1 if topic == CATALOG_ITEMS_DLQ else None)
+        # The task's dead letters go to this bus's dead-letter topic, beside the dispatcher's.
+        runtime.dead_letters = self.bus.producer()
         settings = dispatcher or DispatcherSettings(max_wait_ms=0, metrics_port=0, retry_backoff_s=0.01)
         self.dispatcher = Dispatcher(self.bus.consumer([settings.topic], settings.group_id), InlineSender(self._apply),
                                      self.bus.producer(), settings)
