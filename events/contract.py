@@ -16,8 +16,10 @@ not depend on how the stream was cut into batches or how often a batch was redel
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -37,11 +39,40 @@ EMPTY_RECORD = "empty_record"
 MALFORMED_JSON = "malformed_json"
 UNKNOWN_SCHEMA_VERSION = "unknown_schema_version"
 INVALID_EVENT = "invalid_event"
+# An item or event that failed in a way no check foresaw (an exception of any type), alone.
+PROCESSING_FAILED = "processing_failed"
 # More validation errors than this are summarised as "(+N more)".
 _MAX_ERRORS = 5
 _MAX_DETAIL = 500
 
+# No event nests deeper than a few levels; the JSON decoder recurses per level and a 100k-deep
+# "[[[[..." would raise RecursionError instead of a clear rejection.
+MAX_JSON_DEPTH = 32
+_JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_BRACKETS = bytes.maketrans(b"", b"")
 _adapter: TypeAdapter[CatalogEvent] = TypeAdapter(AnyEvent)
+
+
+class JsonError(ValueError):
+    """Not JSON, or JSON nested deeper than ``MAX_JSON_DEPTH``."""
+
+
+def json_depth(data: bytes) -> int:
+    """How deep ``data``'s arrays and objects nest (strings left out)."""
+    structure = _JSON_STRING.sub(b"", data).translate(_BRACKETS, delete=bytes(
+        c for c in range(256) if c not in b"[]{}"))
+    return max(accumulate(1 if c in b"[{" else -1 for c in structure), default=0)
+
+
+def loads(data: bytes | str, max_depth: int = MAX_JSON_DEPTH):
+    """``json.loads`` that refuses deep nesting before decoding; ``JsonError`` says why."""
+    raw = data.encode() if isinstance(data, str) else bytes(data)
+    if json_depth(raw) > max_depth:
+        raise JsonError(f"JSON nested deeper than {max_depth} levels")
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise JsonError(str(e)[:200]) from None
 
 
 @dataclass(frozen=True)
@@ -85,9 +116,9 @@ def parse_record(value: bytes | None) -> CatalogEvent | Rejected:
     if not value:
         return Rejected(EMPTY_RECORD, "record has no value")
     try:
-        raw = json.loads(value)
-    except (ValueError, UnicodeDecodeError) as e:
-        return Rejected(MALFORMED_JSON, str(e)[:200])
+        raw = loads(value)
+    except JsonError as e:
+        return Rejected(MALFORMED_JSON, str(e))
     return validate_event(raw)
 
 
@@ -199,6 +230,9 @@ __all__ = [
     "EMPTY_RECORD",
     "INVALID_EVENT",
     "MALFORMED_JSON",
+    "MAX_JSON_DEPTH",
+    "PROCESSING_FAILED",
+    "JsonError",
     "UNKNOWN_SCHEMA_VERSION",
     "Rejected",
     "Source",
@@ -208,6 +242,7 @@ __all__ = [
     "describe",
     "encode_task",
     "latest_items",
+    "loads",
     "parse_record",
     "replaces",
     "validate_event",

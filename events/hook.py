@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import logging
 import time
 from collections.abc import Sequence
@@ -37,7 +36,7 @@ from prometheus_client import Counter, Histogram
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from events.bus import EventProducer, PublishError
-from events.contract import Rejected, validate_event
+from events.contract import MAX_JSON_DEPTH, JsonError, Rejected, loads, validate_event
 from events.models import SCHEMA_VERSION, CatalogEvent, ItemFeaturesUpdated, event_to_bytes
 from events.topics import CATALOG_FEATURES, CATALOG_ITEMS
 
@@ -236,8 +235,8 @@ async def catalog_hook(request: Request, settings: SettingsDep, producer: Produc
     if problem:
         raise _fail(401, problem)
     try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
+        payload = loads(body, max_depth=MAX_JSON_DEPTH + 1)  # + the list around the events
+    except JsonError as e:
         raise _fail(400, f"body is not valid JSON: {e}") from None
     items = payload if isinstance(payload, list) else [payload] if isinstance(payload, dict) else None
     if items is None:

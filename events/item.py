@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-MAX_ID_LEN = 256
+from events.fields import MAX_ID_LEN, CategoryPart, ImageRef, ItemId, Price, Shop, Title, Version
+
+__all__ = ["MAX_ID_LEN", "CatalogItem", "ItemFailure"]
 
 
 class CatalogItem(BaseModel):
-    """One sellable item with one main image.
+    """One sellable item with one main image (the value types: ``events.fields``).
 
     ``category_path`` runs from the top-level category (the index shard key) down to the leaf,
     e.g. ``["Fruit", "Apple", "Granny-Smith"]``.
@@ -16,29 +18,13 @@ class CatalogItem(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    item_id: str = Field(min_length=1, max_length=MAX_ID_LEN)
-    title: str = Field(min_length=1, max_length=1000)
-    category_path: tuple[str, ...] = Field(min_length=1, max_length=8)
-    image: str = Field(min_length=1, max_length=4096, description="local path, object key or http(s) URL")
-    version: int = Field(default=0, ge=0, description="monotonic per item; a lower version never overwrites")
-    price: float | None = Field(default=None, ge=0)
-    shop: str | None = Field(default=None, max_length=256)
-
-    @field_validator("item_id", "title")
-    @classmethod
-    def _strip(cls, v: str) -> str:
-        v = v.strip()
-        if not v:
-            raise ValueError("must not be blank")
-        return v
-
-    @field_validator("category_path")
-    @classmethod
-    def _non_blank_parts(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        parts = tuple(p.strip() for p in v)
-        if any(not p for p in parts):
-            raise ValueError("category path parts must not be blank")
-        return parts
+    item_id: ItemId
+    title: Title
+    category_path: tuple[CategoryPart, ...] = Field(min_length=1, max_length=8)
+    image: ImageRef = Field(description="object key, local path (embedded mode) or http(s) URL")
+    version: Version = Field(default=0, description="monotonic per item; a lower version never overwrites")
+    price: Price | None = None
+    shop: Shop | None = None
 
     @property
     def shard(self) -> str:

@@ -16,7 +16,20 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from events.item import MAX_ID_LEN, CatalogItem
+from events.fields import (
+    Amount,
+    CategoryPart,
+    Count,
+    EventTime,
+    ImageRef,
+    ItemId,
+    Price,
+    Rating,
+    Shop,
+    Title,
+    Version,
+)
+from events.item import CatalogItem
 
 SCHEMA_VERSION = 1
 
@@ -25,20 +38,20 @@ class _Event(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     schema_version: Literal[1] = SCHEMA_VERSION
-    item_id: str = Field(min_length=1, max_length=MAX_ID_LEN)
-    event_time: float = Field(default_factory=time.time, description="unix seconds at the marketplace")
+    item_id: ItemId
+    event_time: EventTime = Field(default_factory=time.time, description="unix seconds at the marketplace")
 
 
 class ItemUpserted(_Event):
     type: Literal["item_upserted"] = "item_upserted"
-    version: int = Field(ge=0)
-    title: str = Field(min_length=1, max_length=1000)
-    category_path: tuple[str, ...] = Field(min_length=1, max_length=8)
+    version: Version
+    title: Title
+    category_path: tuple[CategoryPart, ...] = Field(min_length=1, max_length=8)
     # Image references: http(s) URL, object-store key or local path (embedded mode). The first is
     # the main image, the one indexed today.
-    images: tuple[str, ...] = Field(min_length=1, max_length=16)
-    price: float | None = Field(default=None, ge=0)
-    shop: str | None = Field(default=None, max_length=256)
+    images: tuple[ImageRef, ...] = Field(min_length=1, max_length=16)
+    price: Price | None = None
+    shop: Shop | None = None
 
     def to_item(self) -> CatalogItem:
         return CatalogItem(
@@ -54,17 +67,17 @@ class ItemUpserted(_Event):
 
 class ItemDeleted(_Event):
     type: Literal["item_deleted"] = "item_deleted"
-    version: int = Field(ge=0)
+    version: Version
 
 
 class ItemCounters(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    impressions: int = Field(default=0, ge=0)
-    clicks: int = Field(default=0, ge=0)
-    orders: int = Field(default=0, ge=0)
-    sales: float = Field(default=0.0, ge=0)
-    rating: float | None = Field(default=None, ge=0, le=5)
+    impressions: Count = 0
+    clicks: Count = 0
+    orders: Count = 0
+    sales: Amount = 0.0
+    rating: Rating | None = None
 
 
 class ItemFeaturesUpdated(_Event):

@@ -231,3 +231,29 @@ def test_hook_to_kafka_end_to_end(kafka_settings) -> None:
             ours += [r for r in drain(consumer, 50, timeout=1) if r.key.decode().startswith(prefix)]
     assert sorted(r.key.decode() for r in ours) == [f"{prefix}-1", f"{prefix}-2"]
     assert {parse_record(r.value).item_id for r in ours} == {f"{prefix}-1", f"{prefix}-2"}
+
+
+DEEP = [
+    b"[" * 100_000,
+    b"[" * 100_000 + b"]" * 100_000,
+    b'{"a":' * 50_000 + b"1" + b"}" * 50_000,
+    json.dumps(upsert("a1", attributes=None)).encode().replace(b"null", b"[" * 40 + b"]" * 40),
+]
+
+
+@pytest.mark.parametrize("body", DEEP, ids=["open", "closed", "objects", "inside_an_event"])
+def test_deeply_nested_json_is_400_not_a_recursion_error(body: bytes) -> None:
+    with TestClient(create_app(producer=InMemoryBus().producer(), settings=_settings(max_body_bytes=1 << 20))) as c:
+        r = post(c, None, raw=body)
+    assert r.status_code == 400 and "nested deeper than" in r.json()["detail"]
+    parsed = parse_record(body)  # the same rule for a record that reached Kafka another way
+    assert parsed.reason == "malformed_json" and "nested deeper than" in parsed.detail
+
+
+def test_nesting_up_to_the_limit_is_ordinary_json() -> None:
+    from events.contract import MAX_JSON_DEPTH, json_depth, loads
+
+    ok = b"[" * MAX_JSON_DEPTH + b"]" * MAX_JSON_DEPTH
+    assert json_depth(ok) == MAX_JSON_DEPTH and loads(ok) is not None
+    assert json_depth(b'["[[[[", {"k": "]]]"}]') == 2  # brackets inside strings do not count
+    assert json_depth(b'["\\"[[[[", 1]') == 1  # nor after an escaped quote
