@@ -36,7 +36,7 @@ def run_demo(data: str | Path, *, cfg: ToolConfig, n_queries: int = 6, work: Pat
 
     print("== 1. model")
     rt = build_runtime(worker=cfg.worker, runtime=cfg.runtime, image=cfg.image, index=index_settings,
-                       fetch=cfg.fetch, dead_letters=InMemoryBus().producer())
+                       fetch=cfg.fetch.reading_files_under(ds.dir), dead_letters=InMemoryBus().producer())
     try:
         target = rt.targets.current()[0]
         vision = rt.load(target.model.name)

@@ -52,11 +52,13 @@ def recall_curve(first_ranks: Sequence[int | None], kmax: int = CURVE_K) -> list
     return [sum(1 for r in first_ranks if r is not None and r <= k) / n for k in range(1, kmax + 1)]
 
 
-def _build_gallery(cfg: ToolConfig, where: Path, vision, rows, name: str, progress: bool):
+def _build_gallery(cfg: ToolConfig, where: Path, vision, rows, name: str, progress: bool, root: Path):
+    """``rows`` into a fresh embedded index at ``where``; their files are read under ``root``."""
     index = open_index(EdgeIndexSettings(dir=where), vision.dim, model_id=vision.model_id)
     bar = tqdm(total=len(rows), desc=f"ingest {name}", unit="img", disable=not progress)
     report = ingest_stream(
-        rows, index=index, embedder=vision, fetcher=ImageFetcher.from_settings(cfg.fetch, cfg.image.max_bytes),
+        rows, index=index, embedder=vision,
+        fetcher=ImageFetcher.from_settings(cfg.fetch.reading_files_under(root), cfg.image.max_bytes),
         max_pixels=cfg.image.max_pixels, batch_size=cfg.worker.ingest_batch_size,
         on_batch=lambda part, n: bar.update(n),
     )
@@ -96,7 +98,7 @@ def evaluate(
     try:
         # photo → catalog --------------------------------------------------------------------
         catalog_rows = list(read_catalog(ds.catalog_dir))
-        index, rep = _build_gallery(cfg, work / "catalog", vision, catalog_rows, "catalog", progress)
+        index, rep = _build_gallery(cfg, work / "catalog", vision, catalog_rows, "catalog", progress, ds.dir)
         item_to_fine = {p.item_id: p.fine_id for p in ds.products}
         n_catalog = index.count()
         searcher = Searcher.from_settings(index, vision, cfg.search)
@@ -121,7 +123,7 @@ def evaluate(
             gallery_photos = ds.split("train") if split != "train" else []
             if gallery_photos:
                 index, rep = _build_gallery(cfg, work / "photos", vision, ds.photo_items(gallery_photos),
-                                            "train photos", progress)
+                                            "train photos", progress, ds.dir)
                 id_to_fine = {f"photo/{p.rel}": p.fine_id for p in gallery_photos}
                 n_gallery = index.count()
                 searcher = Searcher.from_settings(index, vision, cfg.search)

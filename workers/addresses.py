@@ -1,9 +1,10 @@
 """Which addresses an image fetch may connect to (a seller controls the URL: server-side request
 forgery).
 
-``address_refusal(ip)`` says why an address is refused (loopback, private, link-local, CGNAT,
-multicast, reserved, cloud metadata, not globally routable), judging IPv6 forms that embed an IPv4
-address by the embedded one. ``AllowRule`` entries (host names, IPs or CIDRs, each optionally with a
+``address_refusal(ip)`` says why an address is refused: every range of IANA's special-purpose
+registries (loopback, private, link-local, CGNAT, documentation, benchmarking, protocol
+assignments, ...), multicast, cloud metadata, anything not globally routable; IPv6 forms that embed
+an IPv4 address are judged by the embedded one. ``AllowRule`` entries (host names, IPs or CIDRs, each optionally with a
 port) exempt trusted destinations, e.g. an internal object store; the metadata endpoints stay
 refused unless an IP/CIDR rule names them.
 """
@@ -22,9 +23,49 @@ METADATA_ADDRESSES = frozenset(
 )
 METADATA_HOSTS = frozenset({"metadata.google.internal", "metadata.goog"})
 
-_CGNAT = ipaddress.ip_network("100.64.0.0/10")
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# Every range of the IANA IPv4 and IPv6 Special-Purpose Address Registries (RFC 6890 and its
+# updates), refused whatever its "globally reachable" flag: Python's ``is_global`` lets some through
+# (192.0.0.8, the PCP and TURN anycast addresses, AS112, AMT, ...), and no catalog image lives at
+# any of them. The IPv6 forms that embed an IPv4 address are judged by it, before this table.
+SPECIAL_PURPOSE: tuple[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, str], ...] = tuple(
+    (ipaddress.ip_network(net), name) for net, name in (
+        ("0.0.0.0/8", "this network"),
+        ("10.0.0.0/8", "private"),
+        ("100.64.0.0/10", "CGNAT"),
+        ("127.0.0.0/8", "loopback"),
+        ("169.254.0.0/16", "link-local"),
+        ("172.16.0.0/12", "private"),
+        ("192.0.0.0/24", "IETF protocol assignments"),
+        ("192.0.2.0/24", "documentation (TEST-NET-1)"),
+        ("192.31.196.0/24", "AS112-v4"),
+        ("192.52.193.0/24", "AMT"),
+        ("192.88.99.0/24", "6to4 relay anycast"),
+        ("192.168.0.0/16", "private"),
+        ("192.175.48.0/24", "direct delegation AS112"),
+        ("198.18.0.0/15", "benchmarking"),
+        ("198.51.100.0/24", "documentation (TEST-NET-2)"),
+        ("203.0.113.0/24", "documentation (TEST-NET-3)"),
+        ("224.0.0.0/4", "multicast"),
+        ("240.0.0.0/4", "reserved"),
+        ("255.255.255.255/32", "limited broadcast"),
+        ("::/128", "unspecified"),
+        ("::1/128", "loopback"),
+        ("64:ff9b:1::/48", "local-use IPv4/IPv6 translation"),
+        ("100::/64", "discard-only"),
+        ("100:0:0:1::/64", "dummy prefix"),
+        ("2001::/23", "IETF protocol assignments"),
+        ("2001:db8::/32", "documentation"),
+        ("2620:4f:8000::/48", "direct delegation AS112"),
+        ("3fff::/20", "documentation"),
+        ("5f00::/16", "segment routing SIDs"),
+        ("fc00::/7", "unique-local"),
+        ("fe80::/10", "link-local"),
+        ("fec0::/10", "site-local"),
+        ("ff00::/8", "multicast"),
+    ))
 
 
 def address_refusal(ip: IPAddress) -> str | None:
@@ -42,19 +83,8 @@ def address_refusal(ip: IPAddress) -> str | None:
         if embedded is not None:
             inner = address_refusal(embedded)
             return f"embeds {embedded} ({inner})" if inner else None
-        if ip.is_site_local:
-            return "site-local"
-    checks = (
-        ("unspecified", ip.is_unspecified),
-        ("loopback", ip.is_loopback),
-        ("link-local", ip.is_link_local),
-        ("multicast", ip.is_multicast),
-        ("CGNAT", isinstance(ip, ipaddress.IPv4Address) and ip in _CGNAT),
-        ("private", ip.is_private),
-        ("reserved", ip.is_reserved),
-    )
-    for name, hit in checks:
-        if hit:
+    for net, name in SPECIAL_PURPOSE:
+        if ip.version == net.version and ip in net:
             return name
     return None if ip.is_global else "not globally routable"
 

@@ -33,6 +33,7 @@ from urllib.parse import urljoin, urlsplit
 import httpcore
 from pydantic import BaseModel, ConfigDict, Field
 
+from events.fields import UnsupportedScheme, normalize_ref
 from vision.decode import sniff_format
 from workers.addresses import (
     METADATA_HOSTS,
@@ -54,7 +55,9 @@ class FetchError(Exception):
 
     permanent: ``missing``, ``too_large``, ``bad_scheme``, ``bad_url``, ``private_address``,
     ``not_found`` (HTTP 404/410), ``http_status`` (other 4xx, unexpected 1xx/3xx), ``bad_content``
-    (not JPEG/PNG/WebP), ``too_many_redirects``, ``dns`` (name does not resolve);
+    (not JPEG/PNG/WebP), ``too_many_redirects``, ``dns`` (name does not resolve),
+    ``local_refs_disabled`` (a local path or object key where local refs are off),
+    ``outside_object_root`` (a path that resolves, symlinks followed, outside the object root);
     transient (``TRANSIENT_REASONS``): ``timeout``, ``connection``, ``http_unavailable``
     (HTTP 5xx, 429, 408), ``dns_temporary``.
 
@@ -80,23 +83,33 @@ class FetchSettings(BaseModel):
     max_redirects: int = Field(default=3, ge=0, description="redirects followed (each hop vetted again)")
     allow: list[str] = Field(default_factory=list, description="hosts, IPs or CIDRs (optionally :port) exempt "
                              "from the private-address refusal, e.g. an internal object store")
-    object_root: Path | None = Field(default=None, description="directory that object keys and relative "
-                                     "paths resolve against (embedded mode)")
+    object_root: Path | None = Field(default=None, description="directory that object keys and local paths "
+                                     "resolve under (symlinks followed, then checked); none: no local refs")
+    local_refs: bool | None = Field(default=None, description="read object keys / local paths under the "
+                                    "object root; unset: on in development, off in production")
+
+    def reading_files_under(self, root: Path) -> FetchSettings:
+        """These settings for a tool that reads a catalog's own files (the CLI's ``ingest``, the
+        evaluation, the demo): local refs on, confined to ``root``."""
+        return self.model_copy(update={"object_root": Path(root), "local_refs": True})
 
 
 class _VettedBackend(httpcore.SyncBackend):
     """httpcore network backend that resolves the host itself, refuses the connection unless every
-    resolved address is allowed, and connects to a vetted IP (never to the name)."""
+    resolved address is allowed, and connects to a vetted IP (never to the name). Its streams keep
+    the fetch's deadline (``_DeadlineStream``)."""
 
-    def __init__(self, fetcher: ImageFetcher):
+    def __init__(self, fetcher: ImageFetcher, deadline: float | None = None):
         self.fetcher = fetcher
+        self.deadline = deadline
 
     def connect_tcp(self, host, port, timeout=None, local_address=None, socket_options=None):
         ips = self.fetcher.vet(host, port)
         last: Exception | None = None
         for ip in ips:
             try:
-                return self._open(str(ip), port, timeout, local_address, socket_options)
+                stream = self._open(str(ip), port, timeout, local_address, socket_options)
+                return stream if self.deadline is None else _DeadlineStream(stream, self.deadline)
             except (httpcore.ConnectError, httpcore.ConnectTimeout) as e:
                 last = e
         assert last is not None  # vet() never returns an empty list
@@ -107,6 +120,36 @@ class _VettedBackend(httpcore.SyncBackend):
         return super().connect_tcp(ip, port, timeout, local_address, socket_options)
 
 
+class _DeadlineStream(httpcore.NetworkStream):
+    """A connection whose every read and write ends by the fetch's deadline: a server trickling its
+    status line and headers a byte at a time, or sending ``100 Continue`` without end, never gets a
+    read timeout (each byte comes in time), so the per-read timeout shrinks to what is left."""
+
+    def __init__(self, inner: httpcore.NetworkStream, deadline: float):
+        self.inner, self.deadline = inner, deadline
+
+    def _left(self, timeout: float | None) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise httpcore.ReadTimeout("the fetch's total time is up")
+        return left if timeout is None else min(timeout, left)
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self.inner.read(max_bytes, self._left(timeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self.inner.write(buffer, self._left(timeout))
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def start_tls(self, ssl_context, server_hostname=None, timeout=None):
+        return _DeadlineStream(self.inner.start_tls(ssl_context, server_hostname, self._left(timeout)), self.deadline)
+
+    def get_extra_info(self, info: str):
+        return self.inner.get_extra_info(info)
+
+
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _RETRYABLE_STATUS = frozenset({408, 429})
 _SNIFF_BYTES = 12
@@ -115,8 +158,11 @@ _SNIFF_BYTES = 12
 @dataclass
 class ImageFetcher:
     max_bytes: int = 20 * 1024 * 1024
-    # Directory that relative paths and object keys resolve against (None = current directory).
+    # Directory that object keys and local paths resolve under; a path that resolves (symlinks
+    # followed) outside it is refused. None: no local refs at all.
     object_root: Path | None = None
+    # Local refs (object keys, paths) at all: off unless asked for (production reads URLs only).
+    local_refs: bool = False
     connect_timeout_s: float = 3.0
     read_timeout_s: float = 10.0
     # Whole-fetch deadline (all hops): a server trickling a byte per read timeout cannot hold a
@@ -138,6 +184,7 @@ class ImageFetcher:
         return cls(
             max_bytes=max_bytes,
             object_root=fetch.object_root,
+            local_refs=bool(fetch.local_refs),
             connect_timeout_s=fetch.connect_timeout_s,
             read_timeout_s=fetch.read_timeout_s,
             total_timeout_s=fetch.total_timeout_s,
@@ -145,32 +192,62 @@ class ImageFetcher:
             allow=list(fetch.allow),
         )
 
+    @staticmethod
+    def _normalized(ref: str) -> str:
+        """``ref`` as the event contract normalises it (IDNA host, non-ASCII percent-encoded)."""
+        try:
+            return normalize_ref(ref)
+        except UnsupportedScheme as e:
+            raise FetchError("bad_scheme", f"{ref[:200]!r}: {e}") from None
+        except ValueError as e:
+            raise FetchError("bad_url", f"{ref[:200]!r}: {e}") from None
+
     def fetch(self, ref: str) -> bytes:
+        ref = self._normalized(ref)
         scheme = urlsplit(ref).scheme.lower()
         if scheme in ("http", "https"):
             return self._fetch_http(ref)
-        if scheme == "file":
-            return self._read_file(Path(urlsplit(ref).path))
-        if scheme and len(scheme) > 1:  # (a one-letter "scheme" is a Windows drive)
-            raise FetchError("bad_scheme", f"unsupported scheme {scheme!r} in {ref!r}")
+        return self._read_file(self.local_path(ref))
+
+    def local_path(self, ref: str) -> Path:
+        """Where an object key or local path lives: under the object root, symlinks resolved, or
+        ``FetchError`` (``local_refs_disabled``, ``outside_object_root``)."""
+        if not self.local_refs or self.object_root is None:
+            raise FetchError("local_refs_disabled", f"{ref!r}: this fetcher reads http(s) URLs only "
+                             "(TONGKUAN_FETCH__LOCAL_REFS and TONGKUAN_FETCH__OBJECT_ROOT)")
+        root = Path(self.object_root).resolve()
         path = Path(ref)
-        if not path.is_absolute() and self.object_root is not None:
-            path = self.object_root / path
-        return self._read_file(path)
+        try:
+            real = (path if path.is_absolute() else root / path).resolve()
+        except (OSError, RuntimeError) as e:  # a symlink loop
+            raise FetchError("missing", f"{ref!r}: {e}") from None
+        if not real.is_relative_to(root):
+            raise FetchError("outside_object_root", f"{ref!r} is not under the object root")
+        return real
+
+    def public_ref(self, ref: str) -> str:
+        """What may be shown for ``ref`` (a search hit's image): the URL, or the object key (the path
+        relative to the object root); never a server path."""
+        if urlsplit(ref).scheme.lower() in ("http", "https"):
+            return ref
+        try:
+            return self.local_path(ref).relative_to(Path(self.object_root).resolve()).as_posix()  # type: ignore[arg-type]
+        except FetchError:
+            return ""
 
     def _read_file(self, path: Path) -> bytes:
         try:
             size = path.stat().st_size
         except OSError as e:
-            raise FetchError("missing", f"no such file: {path}") from e
+            raise FetchError("missing", f"no such object: {path.name}") from e
         if not path.is_file():
-            raise FetchError("missing", f"not a regular file: {path}")
+            raise FetchError("missing", f"not a regular file: {path.name}")
         if size > self.max_bytes:
-            raise FetchError("too_large", f"{path}: {size} bytes > limit {self.max_bytes}")
+            raise FetchError("too_large", f"{path.name}: {size} bytes > limit {self.max_bytes}")
         try:
             return path.read_bytes()
         except OSError as e:
-            raise FetchError("missing", f"cannot read {path}: {e}") from e
+            raise FetchError("missing", f"cannot read {path.name}: {e}") from e
 
     # --- address vetting ----------------------------------------------------------------------------
 
@@ -223,14 +300,14 @@ class ImageFetcher:
         deadline = time.monotonic() + self.total_timeout_s
         ctx = ssl.create_default_context()
         with httpcore.ConnectionPool(
-            ssl_context=ctx, network_backend=_VettedBackend(self), max_connections=1, retries=0
+            ssl_context=ctx, network_backend=_VettedBackend(self, deadline), max_connections=1, retries=0
         ) as pool:
             for _hop in range(self.max_redirects + 1):
                 self._check_url(url)
                 location = self._get(pool, url, deadline)
                 if isinstance(location, bytes):
                     return location
-                url = urljoin(url, location)
+                url = self._normalized(urljoin(url, location))  # a Location may be non-ASCII too
         raise FetchError("too_many_redirects", f"more than {self.max_redirects} redirects")
 
     def _get(self, pool: httpcore.ConnectionPool, url: str, deadline: float) -> bytes | str:

@@ -177,7 +177,7 @@ def _catalog_searcher(pipe: VisionPipeline, data: Path, work: Path):
 
     index = open_index(EdgeIndexSettings(dir=work), pipe.dim, model_id=pipe.model_id)
     ingest_stream(read_catalog(GroceryDataset(data).catalog_dir), index=index, embedder=pipe,
-                  fetcher=ImageFetcher())
+                  fetcher=ImageFetcher(object_root=GroceryDataset(data).catalog_dir, local_refs=True))
     return index, Searcher(index, pipe)
 
 

@@ -344,7 +344,7 @@ def pipeline_in_process(objects: Path, keys: list[str], batch_size: int, ort_thr
                  for i, k in enumerate(keys)]
         with tempfile.TemporaryDirectory(prefix="tongkuan-bench-pipe-") as d:
             index = EdgeIndex(d, pipe.dim, model_id=pipe.model_id)
-            fetcher = ImageFetcher(object_root=objects)
+            fetcher = ImageFetcher(object_root=objects, local_refs=True)
             ingest_items(items[:batch_size], index=index, embedder=pipe, fetcher=fetcher)  # warm-up
             stages: dict[str, float] = {}
             if start:

@@ -4,6 +4,7 @@ human-readable report under ``--out`` (default ``reports/hygiene``)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -38,13 +39,16 @@ def cmd_dupes(args, cfg) -> int:
 
     rows: list = []
     sources = []
+    roots: list[Path] = []  # the files this tool was pointed at: reads stay under them
     if args.catalog:
         rows += list(read_catalog(args.catalog))
         sources.append(str(args.catalog))
+        roots.append(Path(args.catalog).resolve().parent)
     if args.split:
         from offline.datasets import GroceryDataset
 
         ds = GroceryDataset(args.data)
+        roots.append(ds.dir)
         for s in args.split:
             rows += ds.photo_items(ds.split(s))
             sources.append(f"{args.data} photos[{s}]")
@@ -56,7 +60,8 @@ def cmd_dupes(args, cfg) -> int:
         return 2
     report = run_dupes(
         rows,
-        ImageFetcher.from_settings(cfg.fetch, cfg.image.max_bytes),
+        ImageFetcher.from_settings(cfg.fetch.reading_files_under(Path(os.path.commonpath(roots))),
+                                   cfg.image.max_bytes),
         max_bits=args.max_bits if args.max_bits is not None else NEAR_DUP_MAX_BITS,
         bands=args.bands,
         max_pixels=cfg.image.max_pixels,

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import time
 
 import httpcore
 import pytest
 
 from tests.workers.workers_testlib import JPEG, PNG
-from workers.addresses import AllowRule, address_refusal
+from workers.addresses import SPECIAL_PURPOSE, AllowRule, address_refusal
 from workers.fetch import TRANSIENT_REASONS, FetchError, ImageFetcher, _VettedBackend
 
 
@@ -96,6 +97,17 @@ def test_slow_server_times_out_as_transient(image_server):
 def test_trickling_body_hits_total_deadline(image_server):
     f = fetcher_for(image_server, read_timeout_s=1.0, total_timeout_s=0.4)
     e = reason_of(f, image_server.url("/trickle"))
+    assert e.reason == "timeout" and e.transient
+
+
+@pytest.mark.parametrize("path", ["/trickle-headers", "/continue-forever"])
+def test_the_total_timeout_bounds_the_whole_exchange_headers_included(image_server, path):
+    """Headers at one byte per 0.2 s (each read well inside the read timeout), or ``100 Continue``
+    for ever: the total deadline (0.6 s) ends the fetch, not the server (10 s)."""
+    f = fetcher_for(image_server, read_timeout_s=5.0, total_timeout_s=0.6)
+    t0 = time.monotonic()
+    e = reason_of(f, image_server.url(path))
+    assert time.monotonic() - t0 < 2.0
     assert e.reason == "timeout" and e.transient
 
 
@@ -229,6 +241,20 @@ def test_non_public_addresses_are_refused(ip):
     assert address_refusal(ipaddress.ip_address(ip)) is not None
 
 
+@pytest.mark.parametrize("net", [n for n, _ in SPECIAL_PURPOSE], ids=str)
+def test_every_iana_special_purpose_range_is_refused_at_both_ends(net):
+    """``ipaddress.is_global`` calls some of these global (192.0.0.8, 192.31.196.1, 2001:1::1 ...);
+    the IANA registries list them as special-purpose, and an image fetcher has no business there."""
+    for ip in (net.network_address, net.broadcast_address):
+        assert address_refusal(ip) is not None, ip
+
+
+@pytest.mark.parametrize("ip", ["192.0.0.8", "192.0.0.9", "192.0.0.170", "192.31.196.1", "192.52.193.1",
+                                "192.175.48.1", "2001:1::1", "2001:4:112::1", "2620:4f:8000::1", "3fff::1"])
+def test_addresses_python_calls_global_but_iana_does_not_are_refused(ip):
+    assert address_refusal(ipaddress.ip_address(ip)) is not None
+
+
 @pytest.mark.parametrize("ip", ["93.184.216.34", "8.8.8.8", "2606:2800:220:1::1", "::ffff:8.8.8.8"])
 def test_public_addresses_pass(ip):
     assert address_refusal(ipaddress.ip_address(ip)) is None
@@ -250,3 +276,60 @@ def test_ipv4_mapped_loopback_is_not_covered_by_an_ipv4_allow_rule(connects):
     f = ImageFetcher(allow=["127.0.0.1"])
     assert reason_of(f, "http://[::ffff:127.0.0.1]:9/x.png").reason == "private_address"
     assert connects == []
+
+
+# --- local refs (object keys and paths) -----------------------------------------------------------
+
+
+@pytest.fixture
+def object_root(tmp_path):
+    root = tmp_path / "objects"
+    (root / "shop").mkdir(parents=True)
+    (root / "shop" / "a.jpg").write_bytes(JPEG)
+    (tmp_path / "secret.jpg").write_bytes(JPEG)
+    (root / "escape.jpg").symlink_to(tmp_path / "secret.jpg")
+    (root / "dir-escape").symlink_to(tmp_path)
+    (root / "inner.jpg").symlink_to(root / "shop" / "a.jpg")
+    return root
+
+
+def test_object_keys_and_paths_resolve_under_the_object_root(object_root):
+    f = ImageFetcher(object_root=object_root, local_refs=True)
+    assert f.fetch("shop/a.jpg") == JPEG
+    assert f.fetch(str(object_root / "shop" / "a.jpg")) == JPEG  # an absolute path inside is fine
+    assert f.fetch("inner.jpg") == JPEG  # a symlink that stays inside too
+    assert f.public_ref(str(object_root / "shop" / "a.jpg")) == "shop/a.jpg"
+
+
+@pytest.mark.parametrize("ref", ["/etc/passwd", "/proc/self/environ", "../secret.jpg", "shop/../../secret.jpg",
+                                 "escape.jpg", "dir-escape/secret.jpg", "/"])
+def test_refs_resolving_outside_the_object_root_are_refused(object_root, ref):
+    e = reason_of(ImageFetcher(object_root=object_root, local_refs=True), ref)
+    assert e.reason == "outside_object_root" and not e.transient
+    assert str(object_root.parent) not in e.detail  # the reason names the ref, not where it led
+
+
+@pytest.mark.parametrize("ref", ["file:///etc/passwd", "FILE:///etc/passwd", "file://localhost/etc/passwd"])
+def test_file_urls_are_refused_even_with_local_refs_on(object_root, ref):
+    assert reason_of(ImageFetcher(object_root=object_root, local_refs=True), ref).reason == "bad_scheme"
+
+
+@pytest.mark.parametrize("settings", [{"local_refs": False}, {"local_refs": True, "object_root": None}])
+def test_without_local_refs_no_file_is_read(object_root, settings):
+    f = ImageFetcher(**{"object_root": object_root, **settings})
+    for ref in ("shop/a.jpg", str(object_root / "shop" / "a.jpg")):
+        assert reason_of(f, ref).reason == "local_refs_disabled"
+
+
+def test_local_refs_follow_the_environment_unless_configured(monkeypatch, tmp_path):
+    from tongkuan.config import WorkerConfig, load
+
+    monkeypatch.setenv("TONGKUAN_FETCH__OBJECT_ROOT", str(tmp_path))
+    for env, explicit, expected in (("production", None, False), ("development", None, True),
+                                    ("production", "true", True), ("development", "false", False)):
+        monkeypatch.setenv("TONGKUAN_ENVIRONMENT", env)
+        if explicit is None:
+            monkeypatch.delenv("TONGKUAN_FETCH__LOCAL_REFS", raising=False)
+        else:
+            monkeypatch.setenv("TONGKUAN_FETCH__LOCAL_REFS", explicit)
+        assert load(WorkerConfig).fetch.local_refs is expected, (env, explicit)

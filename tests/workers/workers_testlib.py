@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -29,6 +30,9 @@ class ImageServer:
     /trickle           PNG magic then one byte every 50 ms
     /redirect?to=URL   302 to URL                          /loop  302 to itself
     /host              a PNG; the Host header is recorded in ``hosts``
+    /%E8%8B%B9%E6%9E%9C.jpg   a JPEG (the path ``/苹果.jpg`` percent-encoded, as a client must send it)
+    /trickle-headers   a status line, then one header byte every 0.2 s (for at most 10 s)
+    /continue-forever  ``100 Continue`` every 0.1 s (for at most 10 s), never a final answer
     """
 
     def __init__(self) -> None:
@@ -64,6 +68,21 @@ class ImageServer:
                     self._send(200, PNG)
                 elif path == "/img.jpg":
                     self._send(200, JPEG, "image/jpeg")
+                elif path == "/%E8%8B%B9%E6%9E%9C.jpg":
+                    self._send(200, JPEG, "image/jpeg")
+                elif path == "/trickle-headers":
+                    self.wfile.write(b"HTTP/1.1 200 OK\r\n")
+                    for byte in b"X-Slow: " + b"a" * 49:
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                        time.sleep(0.2)
+                    self.close_connection = True
+                elif path == "/continue-forever":
+                    for _ in range(100):
+                        self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                        self.wfile.flush()
+                        time.sleep(0.1)
+                    self.close_connection = True
                 elif path == "/host":
                     server.hosts.append(self.headers.get("Host", ""))
                     self._send(200, PNG)
@@ -103,7 +122,12 @@ class ImageServer:
                 else:
                     self._send(404, b"", "text/plain")
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            def handle_error(self, request, client_address):  # a client that gave up is no error
+                if not isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+                    super().handle_error(request, client_address)
+
+        self.httpd = Server(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self.base = f"http://127.0.0.1:{self.port}"
@@ -129,6 +153,10 @@ class ScriptedFetcher:
         self.script = {k: (list(v) if isinstance(v, list) else v) for k, v in script.items()}
         self.max_bytes = max_bytes
         self.calls: list[str] = []
+
+    def public_ref(self, ref: str) -> str:
+        """Scripted refs are object keys: shown as they are."""
+        return ref
 
     def fetch(self, ref: str) -> bytes:
         self.calls.append(ref)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -57,7 +59,7 @@ def catalog(tmp_path):
 
 def test_exact_and_near_groups_and_bad_rows(catalog):
     rows = list(read_catalog(catalog))
-    report = run_dupes(rows, ImageFetcher(), show_progress=False)
+    report = run_dupes(rows, ImageFetcher(object_root=Path(tempfile.gettempdir()), local_refs=True), show_progress=False)
     s = report["summary"]
     assert s["items_hashed"] == 6
     bad = {b["id"]: b["reason"] for b in report["bad"]}
@@ -81,7 +83,7 @@ def test_distinct_pictures_not_grouped(tmp_path):
         p = tmp_path / f"p{k}.png"
         _picture(100 + k).save(p)
         items.append(CatalogItem(item_id=f"p{k}", title="t", category_path=("x",), image=str(p)))
-    hashed, bad = hash_catalog(items, ImageFetcher())
+    hashed, bad = hash_catalog(items, ImageFetcher(object_root=Path(tempfile.gettempdir()), local_refs=True))
     assert not bad and len(hashed) == 30
     rep = find_duplicates(hashed, 6)
     assert rep["near_groups"] == [] and rep["summary"]["duplicate_rate"] == 0
@@ -109,8 +111,8 @@ def test_trim_separates_packshots_on_white(tmp_path):
         p = tmp_path / f"pack{k}.png"
         canvas.save(p)
         items.append(CatalogItem(item_id=f"pack{k}", title=f"t{k}", category_path=("x",), image=str(p)))
-    plain = find_duplicates(hash_catalog(items, ImageFetcher())[0], 6)
-    trimmed = find_duplicates(hash_catalog(items, ImageFetcher(), trim=True)[0], 6)
+    plain = find_duplicates(hash_catalog(items, ImageFetcher(object_root=Path(tempfile.gettempdir()), local_refs=True))[0], 6)
+    trimmed = find_duplicates(hash_catalog(items, ImageFetcher(object_root=Path(tempfile.gettempdir()), local_refs=True), trim=True)[0], 6)
     assert len(plain["near_groups"]) == 1  # the whole-picture dHash sees mostly white
     assert trimmed["near_groups"] == []
     write_dupes_report({**trimmed, "bad": []}, tmp_path / "r")
