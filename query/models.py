@@ -10,7 +10,7 @@ class SearchHit(BaseModel):
     score: float
     title: str = ""
     category_path: list[str] = Field(default_factory=list)
-    image: str = ""
+    image: str = Field(default="", description="the image's public URL, or its object key; never a server path")
     duplicates: list[str] = Field(default_factory=list, description="collapsed near-duplicate listings")
 
 

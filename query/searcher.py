@@ -53,6 +53,7 @@ class Searcher:
         reranker: Reranker | None = None,
         max_image_bytes: int = 20 * 1024 * 1024,
         max_image_pixels: int = 40_000_000,
+        image_base_url: str = "",
     ):
         self.index = index
         self.embedder = embedder
@@ -63,6 +64,7 @@ class Searcher:
         self.reranker = reranker
         self.max_image_bytes = max_image_bytes
         self.max_image_pixels = max_image_pixels
+        self.image_base_url = image_base_url
 
     @classmethod
     def from_settings(cls, index: VectorIndex, embedder: QueryEmbedder, search: SearchSettings, *,
@@ -70,7 +72,8 @@ class Searcher:
                       reranker: Reranker | None = None) -> Searcher:
         return cls(index, embedder, candidate_k=search.candidate_k, category_k=search.category_k,
                    shard_min_confidence=search.shard_min_confidence, classifier_weight=search.classifier_weight,
-                   reranker=reranker, max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels)
+                   reranker=reranker, max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels,
+                   image_base_url=search.image_base_url)
 
     # -- entry points -------------------------------------------------------------------------
     def search_bytes(self, data: bytes, **kw) -> SearchResponse:
@@ -133,7 +136,7 @@ class Searcher:
         rec = recs[0]
         raw = self.index.search(rec.vector, limit=limit + 1, shards=[rec.shard])
         hits = [h for h in raw if h.item_id != item_id]
-        return _collapse(hits)[:limit]
+        return _collapse(hits, self.image_base_url)[:limit]
 
     # -- the core -----------------------------------------------------------------------------
     def _search_max(self, vectors: np.ndarray, k: int, shards: Sequence[str] | None) -> list[IndexHit]:
@@ -173,7 +176,7 @@ class Searcher:
             searched = [pred.shard]
         if self.reranker is not None:
             raw = self.reranker.rerank(raw)
-        return _category_out(pred, searched), _collapse(raw)[:limit]
+        return _category_out(pred, searched), _collapse(raw, self.image_base_url)[:limit]
 
 
 def _object_groups(regions, size: tuple[int, int]) -> list[list[int]]:
@@ -194,7 +197,20 @@ def _category_out(pred: CategoryPrediction | None, searched: list[str]) -> Categ
     )
 
 
-def _collapse(hits: Sequence[IndexHit]) -> list[SearchHit]:
+def public_image(payload: dict, base_url: str = "") -> str:
+    """What a response may show of an item's image: an http(s) URL as it is; an object key (a path
+    relative to the object root, recorded at ingest) joined to ``base_url`` where one is set; never
+    a server path (an item indexed before keys were recorded shows none)."""
+    ref = str(payload.get("image", ""))
+    if ref.startswith(("http://", "https://")):
+        return ref
+    key = str(payload.get("image_public", ""))
+    if not key or key.startswith("/") or ".." in key.split("/"):
+        return ""
+    return f"{base_url.rstrip('/')}/{key}" if base_url else key
+
+
+def _collapse(hits: Sequence[IndexHit], base_url: str = "") -> list[SearchHit]:
     """Fold near-duplicate listings (``duplicate_of`` links made at ingest) into the first of their group."""
     out: list[SearchHit] = []
     by_group: dict[str, SearchHit] = {}
@@ -208,7 +224,7 @@ def _collapse(hits: Sequence[IndexHit]) -> list[SearchHit]:
             score=float(h.score),
             title=str(h.payload.get("title", "")),
             category_path=list(h.payload.get("category_path", [])),
-            image=str(h.payload.get("image", "")),
+            image=public_image(h.payload, base_url),
         )
         by_group[group] = hit
         # A twin's original may come later in the list: register under its own id as well.

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from events.contract import Rejected, Sourced, coalesce
+from events.contract import INVALID_EVENT, Rejected, Sourced, coalesce
 from events.deadletter import DeadLetter, publish
 from events.models import ItemDeleted, ItemUpserted
 from workers import metrics
@@ -73,7 +73,14 @@ def apply_batch(events: Sequence[Sourced], runtime: WorkerRuntime, *, final_atte
 
     if upserts:
         by_id = {s.event.item_id: s for s in upserts}
-        report = ingest([s.event.to_item() for s in upserts], targets=targets, embedding=runtime.embedding,
+        items = []
+        for sourced in upserts:
+            try:
+                items.append(sourced.event.to_item())
+            except ValueError as e:  # the contract and the item disagree: that item alone is lost
+                letters.append(DeadLetter.of_event(sourced, reason=INVALID_EVENT, detail=str(e)[:500],
+                                                   attempts=attempt))
+        report = ingest(items, targets=targets, embedding=runtime.embedding,
                         batch_size=runtime.worker.ingest_batch_size)
         now = time.time()
         for item_id in report.indexed:

@@ -39,8 +39,8 @@ from index.targets import ModelRef
 from vision.settings import RuntimeSettings
 from workers.cpu import limit_blas_threads
 from workers.embedders import load_embedder
+from workers.embedding import ChunkResult, ModelMismatch, embed_isolating, prepare_chunk
 from workers.fetch import FetchSettings, ImageFetcher
-from workers.pipeline import ChunkResult, TargetWriteError, embed_prepared, prepare_chunk
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,8 @@ def _child_chunk(items: Sequence[CatalogItem], names: Sequence[str], max_pixels:
     """(the model ids this child ran, the chunk's result)."""
     embedders = [_embedder(n) for n in names]
     ready, failures, seconds = prepare_chunk(items, _child["fetcher"], max_pixels)
-    vectors = embed_prepared(ready, embedders, seconds, batch_size)
+    ready, vectors, more = embed_isolating(ready, embedders, seconds, batch_size)
+    failures += more
     for p in ready:
         p.image = None  # the worker process needs the hashes and vectors, not the pixels
     return [e.model_id for e in embedders], (ready, vectors, failures, seconds)
@@ -171,7 +172,7 @@ class EmbedPool:
     def _check(models: Sequence[ModelRef], model_ids: Sequence[str]) -> None:
         for model, got in zip(models, model_ids, strict=True):
             if model.model_id != got:
-                raise TargetWriteError(f"an embedding process runs {got} for {model.name!r}; its generation "
+                raise ModelMismatch(f"an embedding process runs {got} for {model.name!r}; its generation "
                                        f"is {model.model_id}")
 
     def pids(self) -> list[int]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from vision.settings import RuntimeSettings
-from workers.pipeline import CatalogEmbedder
+from workers.embedding import CatalogEmbedder
 
 THUMBNAIL_NAME = "thumbnail"
 

@@ -6,8 +6,8 @@ version-guarded upsert) into every target generation (``index.targets``). ``inge
 same for one index and one model: the CLI (``tongkuan ingest``), the demo, the evaluation and the
 re-embed call it.
 
-A bad item never raises: it becomes an ``ItemFailure`` with a reason code, and the rest of the
-batch goes on. Writes are version-guarded by the index, so re-running a batch is harmless. Items
+Fetching, decoding and embedding are ``workers.embedding``'s. A bad item never raises: it becomes
+an ``ItemFailure`` with a reason code, and the rest of the batch goes on. Writes are version-guarded by the index, so re-running a batch is harmless. Items
 must be unique per call (``events.contract.coalesce`` / ``latest_items`` decide which one stays).
 """
 
@@ -15,56 +15,21 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
 
 import numpy as np
-from PIL import Image
 
 from events.contract import latest_items
 from events.item import CatalogItem, ItemFailure
 from index.base import IndexPoint, VectorIndex
 from index.targets import ModelRef, WriteTarget
-from vision.decode import ImageError, decode_image
 from workers import metrics
-from workers.dedup import dhash_hex, md5_hex, trim_background
-from workers.fetch import FetchError, ImageFetcher
+from workers.embedding import CatalogEmbedder, ChunkEmbedder, LocalEmbedding, Prepared, Stopwatch
+from workers.fetch import ImageFetcher
 from workers.twins import find_twins
 
 log = logging.getLogger(__name__)
-
-
-class CatalogEmbedder(Protocol):
-    """What the pipeline needs from a model (``vision.runtime.VisionPipeline``,
-    ``vision.thumbnail.ThumbnailEmbedder``). Optionally also ``catalog_tensors(images)`` and
-    ``embed_catalog_tensors(inputs)``: the same embedding split into its CPU pre-processing and the
-    model run, so that several streams each pre-process their own chunk."""
-
-    model_id: str
-    dim: int
-
-    def embed_catalog(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray: ...
-
-
-@dataclass
-class Prepared:
-    item: CatalogItem
-    image: Image.Image | None  # None once embedded in another process (workers.embed_pool)
-    md5: str
-    dhash: str
-
-
-# One chunk: (items ready, with their hashes; their vectors per model id; failures; stage seconds)
-ChunkResult = tuple[list[Prepared], dict[str, np.ndarray], list[ItemFailure], dict[str, float]]
-
-
-class ChunkEmbedder(Protocol):
-    """Fetch → decode → hash → embed for chunks of items, for several models at once: in this
-    process (``LocalEmbedding``) or in embedding processes (``workers.embed_pool.EmbedPool``)."""
-
-    def embed_chunks(self, chunks: Sequence[Sequence[CatalogItem]], models: Sequence[ModelRef]) -> Iterator[ChunkResult]: ...
 
 
 class TargetWriteError(RuntimeError):
@@ -99,121 +64,6 @@ class IngestReport:
         self.duplicates.update(other.duplicates)
         for k, v in other.stage_seconds.items():
             self.stage_seconds[k] = self.stage_seconds.get(k, 0.0) + v
-
-
-class Stopwatch:
-    """``with timer("stage"):`` adds the block's wall time to ``into[stage]``."""
-
-    def __init__(self, into: dict[str, float]):
-        self.into = into
-        self._stage = ""
-
-    def __call__(self, stage: str) -> Stopwatch:
-        self._stage = stage
-        return self
-
-    def __enter__(self) -> None:
-        self._t0 = time.perf_counter()
-
-    def __exit__(self, *exc: object) -> None:
-        self.into[self._stage] = self.into.get(self._stage, 0.0) + time.perf_counter() - self._t0
-
-
-# --- fetch, decode, hash, embed --------------------------------------------------------------------
-
-def prepare_chunk(items: Sequence[CatalogItem], fetcher: ImageFetcher, max_pixels: int,
-                  ) -> tuple[list[Prepared], list[ItemFailure], dict[str, float]]:
-    """Fetch, decode and hash some items: (prepared, per-item failures, stage seconds)."""
-    seconds: dict[str, float] = {}
-    timer = Stopwatch(seconds)
-    prepared: list[Prepared] = []
-    failures: list[ItemFailure] = []
-    for it in items:
-        try:
-            with timer("fetch"):
-                data = fetcher.fetch(it.image)
-            with timer("decode"):
-                image = decode_image(data, max_bytes=fetcher.max_bytes, max_pixels=max_pixels)
-            with timer("hash"):
-                prepared.append(Prepared(it, image, md5_hex(data), dhash_hex(trim_background(image))))
-        except (FetchError, ImageError) as e:
-            failures.append(ItemFailure(item_id=it.item_id, reason=e.reason, detail=e.detail))
-    return prepared, failures, seconds
-
-
-def embed_prepared(prepared: list[Prepared], embedders: Sequence[CatalogEmbedder], seconds: dict[str, float],
-                   batch_size: int) -> dict[str, np.ndarray]:
-    """The vectors of a prepared chunk per model id (pre-processing timed as ``preprocess`` where
-    the model splits it off, the model runs as ``embed``)."""
-    out: dict[str, np.ndarray] = {}
-    if not prepared:
-        return out
-    timer = Stopwatch(seconds)
-    images = [p.image for p in prepared]
-    for embedder in embedders:
-        to_tensors = getattr(embedder, "catalog_tensors", None)
-        tensors = None
-        if to_tensors is not None:
-            with timer("preprocess"):
-                tensors = to_tensors(images)
-        with timer("embed"):
-            out[embedder.model_id] = (embedder.embed_catalog_tensors(tensors) if tensors is not None
-                                      else embedder.embed_catalog(images, batch_size=batch_size))
-    return out
-
-
-class LocalEmbedding:
-    """``ChunkEmbedder`` in this process. ``load(model)`` gives a model's embedder (cached by the
-    caller). One stream: the next chunk is fetched, decoded and hashed on a helper thread while ORT
-    runs this one (``prefetch``; turn it off where other calls keep the cores busy anyway: the
-    worker's threads pool). Several streams: that many chunks go the whole way concurrently."""
-
-    def __init__(self, fetcher: ImageFetcher, load: Callable[[ModelRef], CatalogEmbedder], *,
-                 max_pixels: int = 40_000_000, batch_size: int = 32, streams: int = 1, prefetch: bool = True):
-        self.fetcher, self.load = fetcher, load
-        self.max_pixels, self.batch_size, self.streams, self.prefetch = max_pixels, batch_size, streams, prefetch
-
-    @classmethod
-    def single(cls, embedder: CatalogEmbedder, fetcher: ImageFetcher, **kw: Any) -> LocalEmbedding:
-        """For one model only (the CLI, the demo, the evaluation)."""
-        def load(model: ModelRef) -> CatalogEmbedder:
-            if model.model_id != embedder.model_id:
-                raise ValueError(f"this embedding runs {embedder.model_id}, not {model.model_id}")
-            return embedder
-
-        return cls(fetcher, load, **kw)
-
-    def embed_chunks(self, chunks: Sequence[Sequence[CatalogItem]], models: Sequence[ModelRef]) -> Iterator[ChunkResult]:
-        if not chunks:
-            return
-        embedders = [self._checked(m) for m in models]
-
-        def whole(chunk: Sequence[CatalogItem]) -> ChunkResult:
-            ready, failures, seconds = prepare_chunk(chunk, self.fetcher, self.max_pixels)
-            return ready, embed_prepared(ready, embedders, seconds, self.batch_size), failures, seconds
-
-        if self.streams > 1:
-            with ThreadPoolExecutor(self.streams, thread_name_prefix="ingest-stream") as pool:
-                yield from pool.map(whole, chunks)
-            return
-        if not self.prefetch:
-            for chunk in chunks:
-                yield whole(chunk)
-            return
-        with ThreadPoolExecutor(1, thread_name_prefix="ingest-prepare") as pool:
-            pending = pool.submit(prepare_chunk, chunks[0], self.fetcher, self.max_pixels)
-            for n in range(len(chunks)):
-                ready, failures, seconds = pending.result()
-                if n + 1 < len(chunks):
-                    pending = pool.submit(prepare_chunk, chunks[n + 1], self.fetcher, self.max_pixels)
-                yield ready, embed_prepared(ready, embedders, seconds, self.batch_size), failures, seconds
-
-    def _checked(self, model: ModelRef) -> CatalogEmbedder:
-        embedder = self.load(model)
-        if embedder.model_id != model.model_id:
-            raise TargetWriteError(f"model {model.name!r} loads as {embedder.model_id}, its generation is "
-                                   f"{model.model_id}: one index never mixes two models")
-        return embedder
 
 
 # --- write -------------------------------------------------------------------------------------------
@@ -274,7 +124,7 @@ def _write(target: WriteTarget, prepared: list[Prepared], vectors: np.ndarray, s
         twins = find_twins(prepared, vectors, target.index)
     points = [IndexPoint(item_id=p.item.item_id, shard=p.item.shard, vector=vectors[i], version=p.item.version,
                          payload=item_payload(p.item, md5=p.md5, dhash=p.dhash, model_id=target.model_id,
-                                              duplicate_of=twins.get(p.item.item_id)))
+                                              duplicate_of=twins.get(p.item.item_id), public_image=p.public))
               for i, p in enumerate(prepared)]
     with timer("upsert"):
         result = target.index.upsert(points)
@@ -309,7 +159,10 @@ def delete(item_ids: Sequence[str], *, targets: Sequence[WriteTarget],
     return report
 
 
-def item_payload(item: CatalogItem, *, md5: str, dhash: str, model_id: str, duplicate_of: str | None) -> dict:
+def item_payload(item: CatalogItem, *, md5: str, dhash: str, model_id: str, duplicate_of: str | None,
+                 public_image: str = "") -> dict:
+    """The item as the index keeps it. ``image`` is the reference to fetch it again by (a re-embed);
+    ``image_public`` the one responses may show (a URL or an object key: never a server path)."""
     payload = {
         "item_id": item.item_id,
         "version": item.version,
@@ -317,6 +170,7 @@ def item_payload(item: CatalogItem, *, md5: str, dhash: str, model_id: str, dupl
         "category_path": list(item.category_path),
         "category": item.coarse_category,
         "image": item.image,
+        "image_public": public_image,
         "md5": md5,
         "dhash": dhash,
         "model_id": model_id,

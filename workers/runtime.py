@@ -27,8 +27,8 @@ from vision.settings import ImageSettings, RuntimeSettings
 from workers.cpu import limit_blas_threads, model_runs_at_once, shared_cores
 from workers.embed_pool import EmbedPool
 from workers.embedders import default_name, describe_model, load_embedder
+from workers.embedding import CatalogEmbedder, ChunkEmbedder, LocalEmbedding
 from workers.fetch import FetchSettings, ImageFetcher
-from workers.pipeline import CatalogEmbedder, ChunkEmbedder, LocalEmbedding
 from workers.settings import WorkerSettings
 
 log = logging.getLogger(__name__)

@@ -51,6 +51,7 @@ def worker(tmp_path, redis_db, kafka_settings):
         "TONGKUAN_CELERY__QUEUE": queue,
         "TONGKUAN_INDEX__DIR": str(tmp_path / "var" / "index"),
         "TONGKUAN_FETCH__OBJECT_ROOT": str(tmp_path / "objects"),
+        "TONGKUAN_FETCH__LOCAL_REFS": "true",
         "TONGKUAN_WORKER__EMBEDDER": "thumbnail",
         "TONGKUAN_WORKER__DLQ_TOPIC": dlq,
         "TONGKUAN_WORKER__METRICS_PORT": str(port),

@@ -23,8 +23,9 @@ from index.targets import ModelRef
 from vision.settings import RuntimeSettings
 from vision.thumbnail import ThumbnailEmbedder
 from workers.embed_pool import EmbedPool, EmbedPoolBroken
+from workers.embedding import LocalEmbedding, ModelMismatch
 from workers.fetch import FetchSettings, ImageFetcher
-from workers.pipeline import LocalEmbedding, TargetWriteError, ingest, single_target
+from workers.pipeline import ingest, single_target
 
 THUMB = ModelRef("thumbnail", ThumbnailEmbedder.model_id)
 
@@ -52,7 +53,7 @@ def _pictures(root: Path) -> list[CatalogItem]:
 
 
 def make_pool(objects: Path, processes: int = 2, kind: str = "thumbnail") -> EmbedPool:
-    return EmbedPool(processes, kind=kind, runtime=RuntimeSettings(), fetch=FetchSettings(object_root=objects),
+    return EmbedPool(processes, kind=kind, runtime=RuntimeSettings(), fetch=FetchSettings().reading_files_under(objects),
                      max_bytes=20 * 1024 * 1024, max_pixels=1_000_000, batch_size=4)
 
 
@@ -69,7 +70,8 @@ def _ingest(items, index, embedding):
 
 
 def _local(objects):
-    return LocalEmbedding.single(ThumbnailEmbedder(), ImageFetcher(object_root=objects), max_pixels=1_000_000,
+    return LocalEmbedding.single(ThumbnailEmbedder(), ImageFetcher(object_root=objects, local_refs=True),
+                                 max_pixels=1_000_000,
                                  batch_size=4)
 
 
@@ -130,7 +132,7 @@ from vision.settings import RuntimeSettings
 from vision.thumbnail import ThumbnailEmbedder
 from workers.embed_pool import EmbedPool
 from workers.fetch import FetchSettings
-pool = EmbedPool(2, kind="thumbnail", runtime=RuntimeSettings(), fetch=FetchSettings(object_root=Path({str(tmp_path)!r})),
+pool = EmbedPool(2, kind="thumbnail", runtime=RuntimeSettings(), fetch=FetchSettings().reading_files_under(Path({str(tmp_path)!r})),
                  max_bytes=1000000, max_pixels=1000000, batch_size=2)
 pool.warm_up([ModelRef("thumbnail", ThumbnailEmbedder.model_id)], rounds=1)
 print(*pool.pids(), flush=True)
@@ -161,7 +163,7 @@ def _alive(pid: int) -> bool:
 def test_a_child_on_another_model_is_refused(tmp_path):
     pool = make_pool(tmp_path, processes=1)
     try:
-        with pytest.raises(TargetWriteError, match=f"runs {ThumbnailEmbedder.model_id} for 'thumbnail'; its generation is other@1"):
+        with pytest.raises(ModelMismatch, match=f"runs {ThumbnailEmbedder.model_id} for 'thumbnail'; its generation is other@1"):
             pool.warm_up([ModelRef("thumbnail", "other@1")], rounds=1)
     finally:
         pool.close()

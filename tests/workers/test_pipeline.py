@@ -6,6 +6,7 @@ Bad input → what each gets: missing file → ``missing``; zero bytes → ``emp
 """
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -40,8 +41,13 @@ def index(tmp_path):
     idx.close()
 
 
+def files(items, **kw) -> ImageFetcher:
+    """A fetcher reading the test's files: local refs confined to the directory they are in."""
+    return ImageFetcher(object_root=Path(items[0].image).parent, local_refs=True, **kw)
+
+
 def run(items, index, **kw):
-    return ingest_items(items, index=index, embedder=ColourEmbedder(), fetcher=ImageFetcher(max_bytes=200_000), **kw)
+    return ingest_items(items, index=index, embedder=ColourEmbedder(), fetcher=files(items, max_bytes=200_000), **kw)
 
 
 def test_bad_images_fail_alone_and_lose_nothing(tmp_path, index):
@@ -115,7 +121,7 @@ def test_exact_and_near_duplicates_are_linked(tmp_path, index):
 def test_delete_and_stream(tmp_path, index):
     rows = [_item(i, _jpeg(tmp_path / f"{i}.jpg", (i * 20, 0, 0))) for i in range(5)]
     calls = []
-    rep = ingest_stream(rows, index=index, embedder=ColourEmbedder(), fetcher=ImageFetcher(),
+    rep = ingest_stream(rows, index=index, embedder=ColourEmbedder(), fetcher=files(rows),
                         batch_size=2, on_batch=lambda part, n: calls.append(n))
     assert calls == [2, 2, 1] and len(rep.indexed) == 5
     rep = delete_items(["item-0", "unknown"], index=index)
@@ -153,7 +159,7 @@ def test_chunks_prepared_ahead_keep_each_vector_with_its_item(tmp_path, index, s
         else:
             _jpeg(path, c)
         items.append(_item(i, path, cat=("Shop", f"c{i}")))
-    rep = ingest_items(items, index=index, embedder=Recording(), fetcher=RecordingFetcher(max_bytes=200_000),
+    rep = ingest_items(items, index=index, embedder=Recording(), fetcher=RecordingFetcher(max_bytes=200_000, object_root=tmp_path, local_refs=True),
                        batch_size=3, streams=streams, prefetch=prefetch)
     if streams == 1:  # the helper thread, or (no prefetch) only the caller's
         want = "ingest-prepare" if prefetch else threading.current_thread().name
