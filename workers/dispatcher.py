@@ -46,25 +46,17 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
 
 from events.bus import EventConsumer, EventProducer, PublishError, Record, TopicPartition
-from events.contract import Rejected, Source, Sourced, coalesce, encode_task, parse_record
-from events.deadletter import DeadLetter, publish
-from events.models import ItemFeaturesUpdated
+from workers.batches import Batch, BatchMaker, BatchResult, split_evenly
 from workers.dispatcher_metrics import (
-    BATCH_EVENTS,
-    BATCH_RECORDS,
+    BATCH_FAILED_ATTEMPTS,
     BATCH_RETRIES,
     BATCH_SECONDS,
-    COALESCED,
     COMMIT_SECONDS,
     COMMITS,
     DEAD_LETTERS,
-    EVENTS,
-    FORWARDED,
     LAG,
     RECORDS_COMMITTED,
     TASK_FAILURES,
@@ -77,39 +69,6 @@ log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------------
 # Batches
-
-
-def split_evenly(events: list, most: int) -> list[list]:
-    """``events`` in ceil(len / most) consecutive chunks whose sizes differ by at most one: 80
-    events at 64 a task are two tasks of 40, not 64 and 16, so that the batch's tasks finish
-    together instead of leaving a worker thread idle behind the longer one."""
-    k = -(-len(events) // most)
-    return [events[i * len(events) // k : (i + 1) * len(events) // k] for i in range(k)]
-
-
-# --------------------------------------------------------------------------------------------------
-# The dispatcher
-
-
-@dataclass
-class BatchResult:
-    records: int
-    events: int
-    dead_lettered: dict[str, int] = field(default_factory=dict)
-    committed: dict[TopicPartition, int] = field(default_factory=dict)
-    ok: bool = True
-    error: str | None = None
-
-
-@dataclass
-class _Batch:
-    records: list[Record]
-    events: list[dict[str, Any]]
-    dead: dict[str, int]
-    items: frozenset[str]
-    handles: list[Any] = field(default_factory=list)
-    gathered_at: float = field(default_factory=time.monotonic)
-    sent_at: float = 0.0
 
 
 class Dispatcher:
@@ -128,13 +87,11 @@ class Dispatcher:
         self.settings = settings or DispatcherSettings()
         self.stop_event = threading.Event()
         self._backoff = self.settings.retry_backoff_s
-        # (tp, offset) already dead-lettered or forwarded, flushed but not yet committed: a rewound
-        # batch does not publish them twice.
-        self._published: set[tuple[TopicPartition, int]] = set()
+        self.batches = BatchMaker(producer, self.settings)
         self._committed: dict[TopicPartition, int] = {}
         self._sleep = sleep
-        self._inflight: list[_Batch] = []  # sent, oldest first
-        self._pending: _Batch | None = None  # gathered, waiting for an in-flight item to finish
+        self._inflight: list[Batch] = []  # sent, oldest first
+        self._pending: Batch | None = None  # gathered, waiting for an in-flight item to finish
         self._polled_at = time.monotonic()  # the consumer's last poll
 
     # -- public -----------------------------------------------------------------------------------
@@ -208,45 +165,6 @@ class Dispatcher:
         self._update_lag(records)
         return records
 
-    def _prepare(self, records: list[Record]) -> _Batch | BatchResult:
-        """Parse; dead-letter the invalid records and forward the feature events (flushed); coalesce."""
-        s = self.settings
-        events: list[Sourced] = []
-        dead: dict[str, int] = {}
-        for rec in records:
-            parsed = parse_record(rec.value)
-            first_time = (rec.tp, rec.offset) not in self._published
-            if isinstance(parsed, Rejected):
-                EVENTS.labels("invalid").inc()
-                if first_time:
-                    letter = DeadLetter.of_record(rec, reason=parsed.reason, detail=parsed.detail, stage="dispatcher",
-                                                  item_id=parsed.item_id)
-                    publish(self.producer, s.dlq_topic, [letter])
-                    self._published.add((rec.tp, rec.offset))
-                    DEAD_LETTERS.labels(parsed.reason, "dispatcher").inc()
-                dead[parsed.reason] = dead.get(parsed.reason, 0) + 1
-                continue
-            EVENTS.labels(parsed.type).inc()
-            if isinstance(parsed, ItemFeaturesUpdated):
-                if first_time:
-                    self.producer.publish(s.features_topic, rec.key, rec.value or b"", rec.headers)
-                    self._published.add((rec.tp, rec.offset))
-                    FORWARDED.inc()
-                continue
-            events.append(Sourced(parsed, rec.value or b"", Source(rec.topic, rec.partition, rec.offset)))
-        # Published first: if the bus is down, nothing is committed and the batch is retried.
-        try:
-            self.producer.flush(s.dlq_flush_timeout_s)
-        except PublishError as e:
-            log.warning("dead letters / forwards not acknowledged, batch will be retried: %s", e)
-            self._published.difference_update((r.tp, r.offset) for r in records)
-            return BatchResult(len(records), 0, dead, ok=False, error=f"publish: {e}")
-        batch = coalesce(events, lambda x: x.event)
-        COALESCED.inc(len(events) - len(batch))
-        BATCH_RECORDS.observe(len(records))
-        BATCH_EVENTS.observe(len(batch))
-        return _Batch(records, encode_task(batch), dead, frozenset(x.event.item_id for x in batch))
-
     def _start(self) -> BatchResult | None:
         """Gather a batch (unless one waits already) and send it when no in-flight batch shares an
         item with it. A failure here fails the pipeline (see ``_fail``)."""
@@ -254,21 +172,21 @@ class Dispatcher:
             records = self._gather()
             if not records:
                 return None
-            prepared = self._prepare(records)
+            prepared = self.batches.make(records)
             if isinstance(prepared, BatchResult):
-                return self._fail(prepared, extra=records)
+                return self._fail(prepared, extra=records, failed=records)
             self._pending = prepared
         batch = self._pending
         if any(batch.items & b.items for b in self._inflight):
             return None  # one writer per item: wait until the older batch is done
         s = self.settings
-        chunks = split_evenly(batch.events, s.task_chunk)
+        chunks = [[e] for e in batch.events] if batch.isolated else split_evenly(batch.events, s.task_chunk)
         try:
             batch.handles = [self.sender.send(chunk) for chunk in chunks]
         except Exception as e:  # noqa: BLE001 - the task broker is down: retry the batch
             TASK_FAILURES.labels("send").inc()
             return self._fail(BatchResult(len(batch.records), len(batch.events), batch.dead, ok=False,
-                                          error=f"send: {e!r}"))
+                                          error=f"send: {e!r}"), failed=batch.records)
         batch.sent_at = time.monotonic()
         self._pending = None
         self._inflight.append(batch)
@@ -280,19 +198,31 @@ class Dispatcher:
         batch = self._inflight[0]
         fail = partial(BatchResult, len(batch.records), len(batch.events), batch.dead, ok=False)
         if not all(h.ready() for h in batch.handles):
-            if time.monotonic() - batch.sent_at > s.task_timeout_s:
-                pending = sum(1 for h in batch.handles if not h.ready())
-                TASK_FAILURES.labels("timeout").inc(pending)
-                return self._fail(fail(error=f"{pending} task(s) not done after {s.task_timeout_s}s"))
-            return None
-        for h in batch.handles:
+            if time.monotonic() - batch.sent_at <= s.task_timeout_s:
+                return None
+            # No answer is not a verdict on the events (no worker took them, or one died without
+            # a result): retried, never dead-lettered. A task that hangs a worker ends by the
+            # worker's time limit, which is an answer (an error).
+            pending = sum(1 for h in batch.handles if not h.ready())
+            TASK_FAILURES.labels("timeout").inc(pending)
+            return self._fail(fail(error=f"{pending} task(s) not done after {s.task_timeout_s}s"),
+                              failed=batch.records)
+        alone: list[tuple[int, BaseException]] = []  # isolated events that failed on their own
+        for n, h in enumerate(batch.handles):
             try:
                 result = h.get(timeout=1.0)
-            except Exception as e:  # noqa: BLE001 - the task raised: the batch is retried
+            except Exception as e:  # noqa: BLE001 - the task raised
                 TASK_FAILURES.labels("error").inc()
-                return self._fail(fail(error=f"task failed: {e!r}"))
+                if not batch.isolated:  # the batch is retried
+                    return self._fail(fail(error=f"task failed: {e!r}"), failed=batch.records)
+                alone.append((n, e))  # alone, it failed too: it alone goes to the dead-letter topic
+                continue
             for dl in (result or {}).get("dead_lettered", []) if isinstance(result, dict) else []:
                 DEAD_LETTERS.labels(str(dl.get("reason", "unknown")), "task").inc()
+        try:
+            self.batches.dead_letter_alone(batch, alone)
+        except PublishError as e:
+            return self._fail(fail(error=f"dead letters: {e}"), failed=batch.records)
         offsets: dict[TopicPartition, int] = {}
         for rec in batch.records:
             offsets[rec.tp] = max(offsets.get(rec.tp, 0), rec.offset + 1)
@@ -302,21 +232,25 @@ class Dispatcher:
         except Exception as e:  # noqa: BLE001 - e.g. CommitFailedError after a rebalance
             COMMITS.labels("failed").inc()
             log.warning("commit failed (partitions revoked?); records will be redelivered: %r", e)
-            return self._fail(fail(error=f"commit: {e!r}"))
+            return self._fail(fail(error=f"commit: {e!r}"))  # not the batch's fault: no attempt counted
         COMMIT_SECONDS.observe(time.perf_counter() - t0)
         COMMITS.labels("ok").inc()
         RECORDS_COMMITTED.inc(len(batch.records))
         BATCH_SECONDS.observe(time.monotonic() - batch.gathered_at)
+        BATCH_FAILED_ATTEMPTS.observe(batch.attempts)
         self._inflight.pop(0)
         self._committed.update(offsets)
-        self._published = {(tp, o) for tp, o in self._published if o >= self._committed.get(tp, 0)}
+        self.batches.committed(self._committed)
         self._update_lag([])
         self._backoff = s.retry_backoff_s
         return BatchResult(len(batch.records), len(batch.events), batch.dead, offsets)
 
-    def _fail(self, result: BatchResult, extra: list[Record] | None = None) -> BatchResult:
+    def _fail(self, result: BatchResult, extra: list[Record] | None = None,
+              failed: list[Record] | None = None) -> BatchResult:
         """Rewind to the oldest uncommitted record, drop every in-flight and waiting batch (their
-        records come again; tasks already sent may still run, harmlessly), back off."""
+        records come again; tasks already sent may still run, harmlessly), back off. ``failed``:
+        the records of the batch at fault, whose attempts count towards ``max_batch_attempts``."""
+        self.batches.failed(failed or [], result.error)
         records = [r for b in self._inflight for r in b.records] + (extra or [])
         if self._pending is not None:
             records += self._pending.records
@@ -395,4 +329,4 @@ class Dispatcher:
                 LAG.labels(tp.topic, str(tp.partition)).set(max(hw - committed, 0))
 
 
-__all__ = ["BatchResult", "Dispatcher", "split_evenly"]
+__all__ = ["Dispatcher"]

@@ -12,6 +12,13 @@ BATCH_EVENTS = Histogram(
     "tongkuan_dispatcher_batch_events", "events per batch after coalescing", buckets=_BATCH_BUCKETS
 )
 EVENTS = Counter("tongkuan_dispatcher_events_total", "records consumed by event type", ["type"])
+ISOLATED = Counter("tongkuan_dispatcher_isolated_batches_total",
+                   "batches that failed max_batch_attempts times and were sent one task per event")
+BATCH_FAILED_ATTEMPTS = Histogram(
+    "tongkuan_dispatcher_batch_failed_attempts",
+    "failed attempts of each committed batch before it committed (at most max_batch_attempts)",
+    buckets=(0, 1, 2, 3, 4, 5, 6, 8, 10, 20, 50, 100),
+)
 FORWARDED = Counter("tongkuan_dispatcher_forwarded_total",
                     "feature events found on the state topic and forwarded to the feature topic")
 COALESCED = Counter("tongkuan_dispatcher_coalesced_total", "events dropped by per-item coalescing")

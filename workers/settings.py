@@ -42,7 +42,10 @@ class WorkerSettings(_Component):
     # the task spans in a bench-ingest round; 6 ms with 2). The cost of 2: one more task per slot
     # waits in this worker while another worker might be idle, a task's length (~1.5 s) at most.
     prefetch_multiplier: int = Field(default=2, ge=1, le=16, description="messages reserved per task slot")
-    task_time_limit_s: int = Field(default=600, ge=10, description="hard limit per task")
+    # Below the dispatcher's task_timeout_s (300 s): a task that hangs is killed and answers with an
+    # error (its events then go through the dispatcher's isolation), instead of leaving no answer.
+    task_time_limit_s: int = Field(default=240, ge=10, description="hard limit per task run (keep below the "
+                                   "dispatcher's task_timeout_s)")
     # Transient failures (timeouts, 5xx, broker/DLQ unavailable): retry with exponential backoff
     # retry_backoff_s * 2**n capped at retry_backoff_max_s, then dead-letter (per item) or fail.
     task_max_retries: int = Field(default=5, ge=0, le=50, description="retries of a task's transient failures")
@@ -93,10 +96,20 @@ class DispatcherSettings(_Component):
     # never in two in-flight batches, so one writer per item.
     max_in_flight: int = Field(default=2, ge=1, le=16, description="batches queued or running at once")
     # Must exceed a worker's longest batch, including its own retries, or work is duplicated.
-    task_timeout_s: float = Field(default=300.0, gt=0, description="a task not done by then fails its batch")
+    # A task that has not answered says nothing about its events: its batch is re-sent, never
+    # dead-lettered. So this must exceed a task's longest retry chain on the worker (fetch total
+    # timeouts x (task_max_retries + 1) + the backoffs: about 211 s with the defaults), and the
+    # worker's task_time_limit_s turns a run that hangs into an answer (an error).
+    task_timeout_s: float = Field(default=300.0, gt=0, description="a task not done by then fails its batch "
+                                  "(keep above the worker's longest retry chain)")
     tick_s: float = Field(default=0.05, gt=0, le=1.0, description="how often in-flight tasks are checked")
     keepalive_poll_s: float = Field(default=1.0, gt=0, le=60.0, description="paused consumer polled this often")
     retry_backoff_s: float = Field(default=0.5, gt=0, description="first delay before a failed batch is re-sent")
+    # With the default backoff (0.5 s doubling to 30 s) five attempts take about 15 s: a broker outage
+    # shorter than that costs nothing; past it, events that cannot be processed on their own move to
+    # the dead-letter topic (replayable from there) and the partition moves on.
+    max_batch_attempts: int = Field(default=5, ge=1, le=100, description="a batch that failed this often is sent "
+                                    "one task per event; an event that fails alone is dead-lettered")
     retry_backoff_max_s: float = Field(default=30.0, gt=0, description="longest delay")
     shutdown_grace_s: float = Field(default=5.0, ge=0, description="on SIGTERM, how long in-flight batches may finish")
     dlq_flush_timeout_s: float = Field(default=10.0, gt=0, description="dead letters acknowledged within this")

@@ -19,8 +19,9 @@ from events.deadletter import read
 from events.models import ItemDeleted, ItemFeaturesUpdated, ItemUpserted, event_to_bytes
 from tests.conftest import redis_client
 from tests.events.conftest import Bus, unique
+from workers.batches import BatchResult
 from workers.celery_app import APPLY_EVENTS_TASK
-from workers.dispatcher import BatchResult, Dispatcher
+from workers.dispatcher import Dispatcher
 from workers.settings import DispatcherSettings
 from workers.task_queue import CelerySender
 
@@ -152,6 +153,65 @@ def test_failed_task_is_retried_not_skipped_and_dlq_not_duplicated(bus: Bus) -> 
         assert d.consumer.committed(tp) == 3
     assert len(sender.calls) == 3 and sender.calls[0] == sender.calls[2]
     assert dlq_reasons(bus, dlq, 2, timeout=2.5) == ["malformed_json"]  # once, although the batch ran 3 times
+
+
+class PoisonSender(FakeSender):
+    """A task that raises (any exception type) whenever its events include a poison item; with
+    ``hang_alone``, a task of a lone poison event never answers instead."""
+
+    def __init__(self, poison: set[str], exc: Exception, hang_alone: bool = False) -> None:
+        super().__init__()
+        self.poison, self.exc, self.hang_alone = poison, exc, hang_alone
+
+    def send(self, events: list[dict]) -> Handle:
+        self.calls.append(events)
+        if self.poison & set(ids(events)):
+            return Handle(ready=False) if self.hang_alone and len(events) == 1 else Handle(exc=self.exc)
+        return Handle({"indexed": ids(events), "deleted": [], "stale": [], "dead_lettered": []})
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("boom"), TypeError("'str' object cannot be interpreted"),
+                                 KeyError("x"), RecursionError("deep")], ids=lambda e: type(e).__name__)
+def test_a_poison_event_fails_alone_after_the_batch_attempts_and_the_partition_moves_on(bus: Bus, exc) -> None:
+    """The finding: a task that raised on one event made the batch rewind and resend for ever (0
+    commits), so the good events of that batch and of later ones were never indexed."""
+    attempts = 3
+    sender = PoisonSender({"x"}, exc)
+    topic, dlq, group, d = make(bus, sender, max_batch_attempts=attempts)
+    good = [f"g{i}" for i in range(12)]
+    values = [(i, event_to_bytes(up(i, 1))) for i in good[:6]] + [("x", event_to_bytes(up("x", 1)))] + \
+             [(i, event_to_bytes(up(i, 1))) for i in good[6:]]
+    publish(bus, topic, values)
+    with d.consumer:
+        d.run(max_batches=1, idle_timeout=15)
+        assert d.consumer.committed(TopicPartition(topic, 0)) == len(values)  # to the end
+        publish(bus, topic, [("n", event_to_bytes(up("n", 1)))])
+        d.run(max_batches=1, idle_timeout=15)  # and the next batch goes out whole again
+    assert ids(sender.calls[-1]) == ["n"] and len(sender.calls) == attempts + len(values) + 1
+    sender.calls.pop()
+    whole = [c for c in sender.calls if len(c) > 1]
+    alone = [c for c in sender.calls if len(c) == 1]
+    assert len(whole) == attempts  # never more than the configured attempts
+    assert all(set(ids(c)) == set(good) | {"x"} for c in whole)
+    assert sorted(ids(c)[0] for c in alone) == sorted(good + ["x"])  # then one task per event
+    letters = dlq_letters(bus, dlq, 2, timeout=2.5)
+    assert [(x.item_id, x.reason, x.stage) for x in letters] == [("x", "processing_failed", "dispatcher")]
+    assert type(exc).__name__ in letters[0].detail and letters[0].attempts == attempts + 1
+
+
+def test_an_isolated_event_without_an_answer_is_retried_not_dead_lettered(bus: Bus) -> None:
+    """No answer (no worker took the task, or it died without one) says nothing about the event:
+    even isolated, it is resent, never dead-lettered; the worker's hard time limit turns a task that
+    hangs into an error, which is an answer."""
+    sender = PoisonSender({"x"}, RuntimeError("boom"), hang_alone=True)
+    topic, dlq, group, d = make(bus, sender, max_batch_attempts=1, task_timeout_s=0.2)
+    publish(bus, topic, [("a", event_to_bytes(up("a", 1))), ("x", event_to_bytes(up("x", 1)))])
+    with d.consumer:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and sum(1 for c in sender.calls if ids(c) == ["x"]) < 3:
+            d.step()
+        assert d.consumer.committed(TopicPartition(topic, 0)) is None
+    assert dlq_letters(bus, dlq, 1, timeout=1.5) == []
 
 
 def test_no_commit_on_failure_means_redelivery_to_next_dispatcher(bus: Bus) -> None:
@@ -352,7 +412,7 @@ def test_a_full_pipeline_waits_without_polling_the_consumer_on_every_tick() -> N
 
 
 def test_split_evenly() -> None:
-    from workers.dispatcher import split_evenly
+    from workers.batches import split_evenly
 
     assert [len(c) for c in split_evenly(list(range(80)), 64)] == [40, 40]
     assert [len(c) for c in split_evenly(list(range(128)), 64)] == [64, 64]
