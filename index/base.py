@@ -7,6 +7,9 @@ Design rules (shared by all implementations, checked by the same tests over each
   No side files.
 * Each item lives in exactly one shard: its top-level category. Moving an item to another category
   removes it from the old shard.
+* Shard keys are logical: ``shards()``, ``search(shards=...)``, ``count(shard)`` and ``scan`` see
+  categories. Physically there are at most ``max_shards`` shards: the categories past the cap share
+  one overflow shard and are told apart there by the payload ``shard`` key (``index.placement``).
 * Writes are version-guarded: a write whose version is lower than the stored one (live point or
   tombstone) is skipped; an equal version overwrites a live point (idempotent redelivery).
 * Deletes leave a tombstone (payload ``deleted=True`` with the delete's version) so that a late,
@@ -15,7 +18,8 @@ Design rules (shared by all implementations, checked by the same tests over each
   version must not bring the item back. Tombstones never appear in search, retrieve or count.
 * Tombstones carry no vector (they are outside the vector space, so ``limit`` is never eaten by
   them); a delete of an id the index has never seen is kept in the reserved shard
-  ``TOMBSTONE_SHARD``, which ``shards()`` does not list and callers may not write to.
+  ``TOMBSTONE_SHARD``, which ``shards()`` does not list and callers may not write to (nor to
+  ``OVERFLOW_SHARD``, the physical name of the shared shard).
 * ``where`` filters match payload values exactly: ``str`` or ``int`` (a list = any of). ``bool``
   and ``float`` values are refused (``IndexBackendError``): Qdrant Edge 0.9 converts a Python
   ``bool`` match value to ``int`` and silently matches nothing, and Qdrant has no float match.
@@ -42,6 +46,8 @@ SHARD_KEY = "shard"
 VECTOR_NAME = "image"
 # Reserved shard for tombstones of ids that were never stored (a delete before its create).
 TOMBSTONE_SHARD = "__tombstones__"
+# Reserved name of the physical shard shared by the categories past ``max_shards`` (index.placement).
+OVERFLOW_SHARD = "__overflow__"
 
 
 def point_id_for(item_id: str) -> str:

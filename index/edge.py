@@ -2,11 +2,16 @@
 
 Layout under ``root`` (one directory per model generation, chosen by ``index.factory``)::
 
-    root/manifest.json          {"format", "dim", "model_id", "shards": {dir name: shard key}}
-    root/shards/<dir name>/     one EdgeShard per shard key (top-level category)
+    root/manifest.json          {"format", "dim", "model_id", "shards": {dir name: shard key},
+                                 "shared": {"__overflow__": [shard keys]}}
+    root/shards/<dir name>/     one EdgeShard per shard key (top-level category) ...
+    root/shards/__overflow__/   ... up to ``max_shards`` in all: later keys share this one
 
 Directory names are ``<slug>-<sha256[:16]>`` of the key (filesystem-safe, distinct on
-case-insensitive filesystems); the real key is in the manifest and in every point's payload.
+case-insensitive filesystems; never ``__overflow__``); the real key is in the manifest and in every
+point's payload, which is how the keys sharing ``__overflow__`` are told apart (``index.placement``).
+A manifest with ``shared`` keys is format 2, so code from before the cap refuses it rather than
+silently missing those categories; without any, it stays format 1.
 
 Qdrant Edge 0.9 behaviour this relies on (checked by tests/index):
 
@@ -33,10 +38,13 @@ from typing import Any, Literal
 import numpy as np
 import qdrant_edge as qe
 
-from index.base import SHARD_KEY, TOMBSTONE_SHARD, VECTOR_NAME, IndexBackendError, SearchHit
+from index.base import OVERFLOW_SHARD, SHARD_KEY, TOMBSTONE_SHARD, VECTOR_NAME, IndexBackendError, SearchHit
 from index.guarded import GuardedIndex, PutPoint, StoredPoint, Where
+from index.placement import DEFAULT_MAX_SHARDS, ShardPlacement
 
-_FORMAT = 1
+_FORMAT = 1  # dedicated shards only
+_FORMAT_SHARED = 2  # and keys in the overflow shard ("shared")
+OVERFLOW_DIR = OVERFLOW_SHARD  # no shard_dir_name: those all end in "-<16 hex digits>"
 
 
 def shard_dir_name(key: str) -> str:
@@ -44,16 +52,26 @@ def shard_dir_name(key: str) -> str:
     return f"{slug}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
-def _edge_filter(where: Where) -> qe.Filter | None:
+def _conditions(where: Where, keys: list[str] | None = None) -> list[Any]:
+    """``where`` as Edge conditions, plus ``shard`` in ``keys`` (the logical keys to pick out of a
+    shared shard; None = no such filter)."""
     must: list[Any] = []
     for key, value in where.items():
         match = qe.MatchAny(value) if isinstance(value, list) else qe.MatchValue(value)
         must.append(qe.FieldCondition(key=key, match=match))
+    if keys is not None:
+        must.append(qe.FieldCondition(key=SHARD_KEY, match=qe.MatchAny(list(keys))))
+    return must
+
+
+def _edge_filter(where: Where, keys: list[str] | None = None) -> qe.Filter | None:
+    must = _conditions(where, keys)
     return qe.Filter(must=must) if must else None
 
 
 class EdgeIndex(GuardedIndex):
-    """One on-disk EdgeShard per shard key under ``root``; cosine distance.
+    """One on-disk EdgeShard per shard key under ``root``, at most ``max_shards`` (None: no cap);
+    cosine distance.
 
     ``hnsw_m``/``hnsw_ef_construct`` shape the graph built by ``optimize()``; ``hnsw_ef`` is the
     search-time beam. ``quantization="int8"`` keeps int8 copies for the HNSW search and rescores the
@@ -77,6 +95,7 @@ class EdgeIndex(GuardedIndex):
         indexing_threshold_kb: int | None = None,
         full_scan_threshold_kb: int = 10_000,
         max_search_threads: int | None = None,
+        max_shards: int | None = DEFAULT_MAX_SHARDS,
     ) -> None:
         super().__init__(dim)
         if quantization not in (None, "int8"):
@@ -102,7 +121,12 @@ class EdgeIndex(GuardedIndex):
             ),
             max_search_threads=max_search_threads,
         )
-        self._shards: dict[str, qe.EdgeShard] = {}
+        try:
+            self._placement = ShardPlacement(max_shards)
+        except ValueError as exc:
+            raise IndexBackendError(str(exc)) from exc
+        self._shards: dict[str, qe.EdgeShard] = {}  # physical shard id (index.placement) -> shard
+        self._dirs: dict[str, str] = {}  # physical shard id -> directory name
         self._manifest_lock = threading.Lock()
         self._open()
 
@@ -116,7 +140,7 @@ class EdgeIndex(GuardedIndex):
         self.root.mkdir(parents=True, exist_ok=True)
         if self._manifest_path.exists():
             manifest = json.loads(self._manifest_path.read_text())
-            if manifest.get("format") != _FORMAT:
+            if manifest.get("format") not in (_FORMAT, _FORMAT_SHARED):
                 raise IndexBackendError(f"{self._manifest_path}: unknown format {manifest.get('format')!r}")
             if manifest["dim"] != self.dim:
                 raise IndexBackendError(
@@ -127,19 +151,32 @@ class EdgeIndex(GuardedIndex):
                     f"index at {self.root} belongs to model {manifest.get('model_id')!r}, "
                     f"opened for {self.model_id!r}"
                 )
+            shared = manifest.get("shared", {})
+            if set(shared) - {OVERFLOW_DIR}:
+                raise IndexBackendError(f"{self._manifest_path}: unknown shared shards {sorted(shared)}")
+            self._placement = ShardPlacement(
+                self._placement.max_shards, manifest["shards"].values(), shared.get(OVERFLOW_DIR, [])
+            )
             for dirname, key in manifest["shards"].items():
                 self._shards[key] = self._load_or_create(dirname)
+                self._dirs[key] = dirname
+            if shared.get(OVERFLOW_DIR):
+                self._shards[OVERFLOW_SHARD] = self._load_or_create(OVERFLOW_DIR)
+                self._dirs[OVERFLOW_SHARD] = OVERFLOW_DIR
         else:
             self._write_manifest()
 
     def _write_manifest(self) -> None:
-        manifest = {
-            "format": _FORMAT,
+        shared = self._placement.shared()
+        manifest: dict[str, Any] = {
+            "format": _FORMAT_SHARED if shared else _FORMAT,
             "dim": self.dim,
             "model_id": self.model_id,
             "distance": "cosine",
-            "shards": {shard_dir_name(k): k for k in sorted(self._shards)},
+            "shards": {self._dirs[k]: k for k in self._placement.dedicated()},
         }
+        if shared:
+            manifest["shared"] = {OVERFLOW_DIR: shared}
         tmp = self._manifest_path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
         os.replace(tmp, self._manifest_path)
@@ -154,32 +191,40 @@ class EdgeIndex(GuardedIndex):
             raise IndexBackendError(f"cannot open Edge shard {path}: {exc}") from exc
         # Point lookups by item id (our own point ids are derived, but operators filter by it).
         shard.update(qe.UpdateOperation.create_field_index("item_id", qe.PayloadSchemaType.Keyword))
+        if dirname == OVERFLOW_DIR:  # every search, count and drop there filters by the key
+            shard.update(qe.UpdateOperation.create_field_index(SHARD_KEY, qe.KeywordIndexParams(is_tenant=True)))
         return shard
 
     def _shard(self, key: str) -> qe.EdgeShard:
-        shard = self._shards.get(key)
-        if shard is None:
+        """The physical shard of logical ``key``, placing the key (and creating the shard) if new."""
+        physical = self._placement.physical(key)
+        if physical is None:
             with self._manifest_lock:
-                shard = self._shards.get(key)
-                if shard is None:
+                physical = self._placement.physical(key)
+                if physical is None:
                     # Shard first, manifest second: a crash in between leaves an unlisted directory
-                    # that the next create of the same key simply loads.
-                    shard = self._load_or_create(shard_dir_name(key))
-                    self._shards[key] = shard
+                    # that the next create of the same key simply loads. No point is written to a
+                    # shard before the manifest lists its key.
+                    physical = self._placement.target(key)
+                    if physical not in self._shards:
+                        dirname = OVERFLOW_DIR if physical == OVERFLOW_SHARD else shard_dir_name(key)
+                        self._shards[physical] = self._load_or_create(dirname)
+                        self._dirs[physical] = dirname
+                    self._placement.place(key)
                     self._write_manifest()
-        return shard
+        return self._shards[physical]
 
     # ---- primitives ---------------------------------------------------------------------------
 
     def _fetch(self, point_ids: list[str], *, with_vectors: bool) -> dict[str, list[StoredPoint]]:
         out: dict[str, list[StoredPoint]] = {}
-        for key, shard in list(self._shards.items()):
+        for physical, shard in list(self._shards.items()):
             for rec in shard.retrieve(point_ids, with_payload=True, with_vector=with_vectors):
+                payload = dict(rec.payload or {})
                 vec = (rec.vector or {}).get(VECTOR_NAME) if with_vectors else None
+                key = payload.get(SHARD_KEY, physical) if physical == OVERFLOW_SHARD else physical
                 out.setdefault(str(rec.id), []).append(
-                    StoredPoint(
-                        key, dict(rec.payload or {}), None if vec is None else np.asarray(vec, np.float32)
-                    )
+                    StoredPoint(key, payload, None if vec is None else np.asarray(vec, np.float32))
                 )
         return out
 
@@ -191,64 +236,75 @@ class EdgeIndex(GuardedIndex):
         self._shard(shard).update(qe.UpdateOperation.upsert_points(ops))
 
     def _drop(self, shard: str, point_ids: list[str]) -> None:
-        self._shards[shard].update(qe.UpdateOperation.delete_points(list(point_ids)))
+        physical = self._placement.physical(shard)
+        if physical is None:
+            return
+        if physical == shard:
+            op = qe.UpdateOperation.delete_points(list(point_ids))
+        else:  # shared: only this key's copies (a move within the shard was an overwrite)
+            op = qe.UpdateOperation.delete_points_by_filter(
+                qe.Filter(must=[qe.HasIdCondition(set(point_ids)), *_conditions({}, [shard])])
+            )
+        self._shards[physical].update(op)
 
-    def _request(self, vector: list[float], limit: int, where: Where) -> qe.QueryRequest:
+    def _request(self, vector: list[float], limit: int, where: Where, keys: list[str] | None) -> qe.QueryRequest:
         return qe.QueryRequest(
             limit=limit,
             query=qe.Query.Nearest(vector, using=VECTOR_NAME),
-            filter=_edge_filter(where),
+            filter=_edge_filter(where, keys),
             params=qe.SearchParams(hnsw_ef=self._hnsw_ef, quantization=self._quant_params),
             with_payload=True,
         )
 
-    def _search_keys(self, shards: list[str] | None) -> list[str]:
-        return shards if shards is not None else [k for k in self._shards if k != TOMBSTONE_SHARD]
-
     @staticmethod
-    def _hits(key: str, points: Any) -> list[SearchHit]:
+    def _hits(physical: str, points: Any) -> list[SearchHit]:
         hits = []
         for sp in points:
             payload = dict(sp.payload or {})
-            hits.append(SearchHit(payload["item_id"], payload.get(SHARD_KEY, key), float(sp.score), payload))
+            hits.append(SearchHit(payload["item_id"], payload.get(SHARD_KEY, physical), float(sp.score), payload))
         return hits
 
     def _search(
         self, vector: list[float], limit: int, shards: list[str] | None, where: Where
     ) -> list[SearchHit]:
-        request = self._request(vector, limit, where)
         hits = []
-        for key in self._search_keys(shards):  # scatter-gather; GuardedIndex merges by score
-            hits += self._hits(key, self._shards[key].query(request))
+        for physical, keys in self._placement.plan(shards).items():  # scatter-gather; merged by score
+            hits += self._hits(physical, self._shards[physical].query(self._request(vector, limit, where, keys)))
         return hits
 
     def _search_batch(
         self, vectors: list[list[float]], limit: int, shards: list[str] | None, where: Where
     ) -> list[list[SearchHit]]:
         # One planned batch per shard (~2.5x less time per query than one call each for 128 queries).
-        batch = qe.QueryBatchRequest([self._request(v, limit, where) for v in vectors])
         out: list[list[SearchHit]] = [[] for _ in vectors]
-        for key in self._search_keys(shards):
-            for i, points in enumerate(self._shards[key].query_batch(batch)):
-                out[i] += self._hits(key, points)
+        for physical, keys in self._placement.plan(shards).items():
+            batch = qe.QueryBatchRequest([self._request(v, limit, where, keys) for v in vectors])
+            for i, points in enumerate(self._shards[physical].query_batch(batch)):
+                out[i] += self._hits(physical, points)
         return out
 
     def _count(self, shard: str | None) -> int:
-        live = qe.CountRequest(exact=True, filter=qe.Filter(must=[qe.HasVectorCondition(VECTOR_NAME)]))
-        keys = [shard] if shard is not None else [k for k in self._shards if k != TOMBSTONE_SHARD]
-        return sum(self._shards[k].count(live) for k in keys)
+        total = 0
+        for physical, keys in self._placement.plan(None if shard is None else [shard]).items():
+            live = qe.Filter(must=[qe.HasVectorCondition(VECTOR_NAME), *_conditions({}, keys)])
+            total += self._shards[physical].count(qe.CountRequest(exact=True, filter=live))
+        return total
 
     def _scroll(
         self, shard: str, offset: Any, limit: int, *, with_vectors: bool
     ) -> tuple[list[tuple[str, StoredPoint]], Any]:
+        physical = self._placement.physical(shard)
+        if physical is None:
+            return [], None
+        keys = None if physical == shard else [shard]
         request = qe.ScrollRequest(
             offset=offset,
             limit=limit,
-            filter=qe.Filter(must=[qe.HasVectorCondition(VECTOR_NAME)]),
+            filter=qe.Filter(must=[qe.HasVectorCondition(VECTOR_NAME), *_conditions({}, keys)]),
             with_payload=True,
             with_vector=with_vectors,
         )
-        records, next_offset = self._shards[shard].scroll(request)
+        records, next_offset = self._shards[physical].scroll(request)
         page = []
         for rec in records:
             vec = (rec.vector or {}).get(VECTOR_NAME) if with_vectors else None
@@ -261,7 +317,7 @@ class EdgeIndex(GuardedIndex):
     # ---- VectorIndex --------------------------------------------------------------------------
 
     def shards(self) -> list[str]:
-        return sorted(k for k in self._shards if k != TOMBSTONE_SHARD)
+        return [k for k in self._placement.keys() if k != TOMBSTONE_SHARD]
 
     def flush(self) -> None:
         self._check_open()

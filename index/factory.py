@@ -109,14 +109,15 @@ def _open_edge(settings: EdgeIndexSettings, dim: int, model_id: str) -> VectorIn
 
     return EdgeIndex(generation_dir(settings, model_id), dim, model_id=model_id, hnsw_m=settings.hnsw_m,
                      hnsw_ef_construct=settings.hnsw_ef_construct, hnsw_ef=settings.hnsw_ef,
-                     quantization=None if settings.quantization == "none" else settings.quantization)
+                     quantization=None if settings.quantization == "none" else settings.quantization,
+                     max_shards=settings.max_shards)
 
 
 def _open_qdrant(settings: QdrantIndexSettings, dim: int, model_id: str) -> VectorIndex:
     from index.qdrant import QdrantIndex
 
     options: dict[str, Any] = dict(hnsw_m=settings.hnsw_m, hnsw_ef_construct=settings.hnsw_ef_construct,
-                                   hnsw_ef=settings.hnsw_ef,
+                                   hnsw_ef=settings.hnsw_ef, max_shards=settings.max_shards,
                                    quantization=None if settings.quantization == "none" else settings.quantization)
     if settings.url != ":memory:":
         options.update(replication_factor=settings.replication_factor,

@@ -2,9 +2,10 @@
 
 A backend subclass only moves points: ``_fetch`` (every stored copy of some point ids, all shards),
 ``_put`` (write points into one shard; ``vector=None`` is a tombstone), ``_drop`` (remove point ids
-from one shard), ``_search`` (nearest live points in some shards) and ``_count``. The rules in
-``index.base`` are then the same for every backend by construction, and the shared test suite
-checks them over each.
+from one shard), ``_search`` (nearest live points in some shards) and ``_count``. The shard keys
+these primitives take and return are logical (categories); which physical shard holds each is the
+backend's business (``index.placement``). The rules in ``index.base`` are then the same for every
+backend by construction, and the shared test suite checks them over each.
 
 Writes are read-then-write under one in-process lock, so the ingest and the query path may share an
 instance. Two *processes* writing the same item at once can still race (last writer wins); the
@@ -28,6 +29,7 @@ import numpy as np
 from index.base import (
     DELETED_KEY,
     ITEM_ID_KEY,
+    OVERFLOW_SHARD,
     SHARD_KEY,
     TOMBSTONE_SHARD,
     VERSION_KEY,
@@ -95,7 +97,9 @@ class GuardedIndex(VectorIndex):
 
     @abstractmethod
     def _drop(self, shard: str, point_ids: list[str]) -> None:
-        """Remove the copies of ``point_ids`` held by ``shard`` (and only by it)."""
+        """Remove the copies of ``point_ids`` held by ``shard`` (and only by it). Where ``shard``
+        shares a physical shard with others, filter by the payload ``SHARD_KEY`` too: a move
+        between two keys there was an overwrite of the same point id, and must survive this."""
 
     @abstractmethod
     def _search(
@@ -139,8 +143,8 @@ class GuardedIndex(VectorIndex):
     def _shard_name(shard: Any) -> str:
         if not isinstance(shard, str) or not shard:
             raise IndexBackendError(f"shard key must be a non-empty str, got {shard!r}")
-        if shard == TOMBSTONE_SHARD:
-            raise IndexBackendError(f"shard key {TOMBSTONE_SHARD!r} is reserved")
+        if shard in (TOMBSTONE_SHARD, OVERFLOW_SHARD):
+            raise IndexBackendError(f"shard key {shard!r} is reserved")
         return shard
 
     @staticmethod

@@ -2,14 +2,23 @@
 
 Two placements of shard keys, chosen by ``use_shard_keys`` (default: auto-detected):
 
-* ``True`` (a Qdrant server): the collection uses ``sharding_method=custom`` and one Qdrant shard key
-  per top-level category, created on demand; writes, retrieves and searches name their shard keys,
-  and a search over several categories is a server-side scatter-gather. Point ids are only unique
-  within a shard key here, so a move between categories drops the old key's copy explicitly.
+* ``True`` (a Qdrant server): the collection uses ``sharding_method=custom``; the first
+  ``max_shards - 1`` top-level categories get a Qdrant shard key each (named as the category),
+  created on demand, and later ones share the shard key ``__overflow__``, told apart there by the
+  ``shard`` payload field (``index.placement``). Writes, retrieves and searches name their shard
+  keys, and a search over several categories is a server-side scatter-gather. Point ids are only
+  unique within a shard key, so a move to another shard key drops the old key's copy explicitly.
+  The server holds the placement: a category is dedicated iff a shard key of its name exists, and
+  shared iff a point of the overflow key carries it (a facet, so an overflow category whose last
+  point moved away is forgotten and placed afresh on its next write). A category this process has
+  not seen is placed after re-reading both, so writers agree; two writers placing *different* new
+  categories at the same moment can still overshoot the cap by one shard key each.
 * ``False`` (``QdrantClient(":memory:")`` / local path mode, which has no custom sharding): one
-  plain collection with the key in the ``shard`` payload field and a filter on it. Point ids are
-  unique collection-wide, so a move overwrites; ``_drop`` is filtered by shard so it can never
-  delete the copy that was just written.
+  plain collection, i.e. one physical shard shared by every category (``max_shards`` has no
+  effect), with the key in the ``shard`` payload field and a filter on it.
+
+In a shared shard point ids are unique across its categories, so a move between two of them is an
+overwrite; ``_drop`` is filtered by ``shard`` there so it can never delete the copy just written.
 
 Collections are named by the caller (``index.factory`` bakes the model id in); ``point_alias``
 switches a stable alias to this collection atomically (blue/green model switches).
@@ -28,6 +37,7 @@ from qdrant_client import models as qm
 from index.base import (
     DELETED_KEY,
     ITEM_ID_KEY,
+    OVERFLOW_SHARD,
     SHARD_KEY,
     TOMBSTONE_SHARD,
     VECTOR_NAME,
@@ -35,6 +45,7 @@ from index.base import (
     SearchHit,
 )
 from index.guarded import GuardedIndex, PutPoint, StoredPoint, Where
+from index.placement import DEFAULT_MAX_SHARDS, ShardPlacement
 
 
 def is_local_client(client: QdrantClient) -> bool:
@@ -44,11 +55,14 @@ def is_local_client(client: QdrantClient) -> bool:
     return isinstance(getattr(client, "_client", None), QdrantLocal)
 
 
-def _conditions(where: Where) -> list[qm.Condition]:
+def _conditions(where: Where, keys: list[str] | None = None) -> list[qm.Condition]:
+    """``where`` as Qdrant conditions, plus ``shard`` in ``keys`` (None = no such filter)."""
     out: list[qm.Condition] = []
     for key, value in where.items():
         match = qm.MatchAny(any=value) if isinstance(value, list) else qm.MatchValue(value=value)
         out.append(qm.FieldCondition(key=key, match=match))
+    if keys is not None:
+        out.append(qm.FieldCondition(key=SHARD_KEY, match=qm.MatchAny(any=list(keys))))
     return out
 
 
@@ -56,7 +70,8 @@ class QdrantIndex(GuardedIndex):
     """A Qdrant collection, one shard key (or ``shard`` payload value) per category; cosine.
 
     ``replication_factor``/``write_consistency_factor`` apply to a new collection (and to each new
-    shard key); ``shards_per_key`` is the Qdrant shard count per category. ``quantization``:
+    shard key); ``shards_per_key`` is the Qdrant shard count per shard key. ``max_shards``: most
+    shard keys (None: no cap; see the module doc). ``quantization``:
     ``"int8"`` (scalar) or ``"binary"``, searched with ``rescore``/``oversampling``.
     ``on_close``: called once when the index closes (the factory releases its shared client).
     """
@@ -79,6 +94,7 @@ class QdrantIndex(GuardedIndex):
         oversampling: float = 2.0,
         on_disk: bool = False,
         on_close: Callable[[], None] | None = None,
+        max_shards: int | None = DEFAULT_MAX_SHARDS,
     ) -> None:
         super().__init__(dim)
         local = is_local_client(client)
@@ -95,6 +111,11 @@ class QdrantIndex(GuardedIndex):
         self._on_close = on_close
         self._shards_per_key = shards_per_key
         self._replication_factor = replication_factor
+        try:
+            ShardPlacement(max_shards)  # refuse a bad value even where it has no effect
+        except ValueError as exc:
+            raise IndexBackendError(str(exc)) from exc
+        self._max_shards = max_shards if use_shard_keys else 1  # local mode: one shared collection
         self._search_params = qm.SearchParams(
             hnsw_ef=hnsw_ef,
             quantization=(
@@ -118,7 +139,7 @@ class QdrantIndex(GuardedIndex):
                 replication_factor,
                 write_consistency_factor,
             )
-            self._known: set[str] = self._load_shard_keys()
+            self._placement = self._load_placement()
         except IndexBackendError:
             raise
         except Exception as exc:
@@ -155,13 +176,16 @@ class QdrantIndex(GuardedIndex):
                     (DELETED_KEY, qm.PayloadSchemaType.BOOL),
                 ):
                     self.client.create_payload_index(self.collection, field, schema)
-                if not self.use_shard_keys:
-                    self.client.create_payload_index(
-                        self.collection,
-                        SHARD_KEY,
-                        qm.KeywordIndexParams(type=qm.KeywordIndexType.KEYWORD, is_tenant=True),
-                    )
-        params = self.client.get_collection(self.collection).config.params
+        info = self.client.get_collection(self.collection)
+        if not self._local and SHARD_KEY not in (info.payload_schema or {}):
+            # The shard filter of shared shards, and the facet that lists their categories, need
+            # it; collections from before the cap had it only without custom sharding.
+            self.client.create_payload_index(
+                self.collection,
+                SHARD_KEY,
+                qm.KeywordIndexParams(type=qm.KeywordIndexType.KEYWORD, is_tenant=True),
+            )
+        params = info.config.params
         vec = params.vectors.get(VECTOR_NAME) if isinstance(params.vectors, dict) else None
         if vec is None:
             raise IndexBackendError(f"collection {self.collection!r} has no {VECTOR_NAME!r} vector")
@@ -173,42 +197,64 @@ class QdrantIndex(GuardedIndex):
         if self.use_shard_keys and not custom:
             raise IndexBackendError(f"collection {self.collection!r} was not created with custom sharding")
 
-    def _load_shard_keys(self) -> set[str]:
-        if self.use_shard_keys:
-            resp = self.client.list_shard_keys(self.collection)
-            return {str(d.key) for d in resp.shard_keys or []}
-        facet = self.client.facet(self.collection, SHARD_KEY, limit=100_000, exact=True)
-        return {str(h.value) for h in facet.hits}
+    def _shard_keys(self) -> list[str]:
+        return [str(d.key) for d in self.client.list_shard_keys(self.collection).shard_keys or []]
 
-    def _ensure_shard(self, key: str) -> None:
-        if key in self._known:
-            return
+    def _load_placement(self) -> ShardPlacement:
+        if not self.use_shard_keys:
+            return ShardPlacement(self._max_shards, shared=self._facet(None))
+        keys = self._shard_keys()
+        shared = self._facet(OVERFLOW_SHARD) if OVERFLOW_SHARD in keys else []
+        return ShardPlacement(self._max_shards, [k for k in keys if k != OVERFLOW_SHARD], shared)
+
+    def _facet(self, shard_key: str | None) -> list[str]:
+        """The ``shard`` payload values in ``shard_key`` (None: the whole collection)."""
+        with self._reading():
+            facet = self.client.facet(
+                self.collection, SHARD_KEY, limit=100_000, exact=True, shard_key_selector=shard_key
+            )
+        return [str(h.value) for h in facet.hits]
+
+    def _place(self, key: str) -> str:
+        """The physical shard of logical ``key``, placing it (and creating its shard key) if new.
+        Called under the write lock."""
+        physical = self._placement.physical(key)
+        if physical is not None:
+            return physical
         if self.use_shard_keys:
-            try:
-                self.client.create_shard_key(
-                    self.collection,
-                    key,
-                    shards_number=self._shards_per_key,
-                    replication_factor=self._replication_factor,
-                )
-            except Exception:
-                if key not in self._load_shard_keys():  # another writer may have created it
-                    raise
-        self._known.add(key)
+            self._placement = self._load_placement()  # another writer may have placed it, or filled the cap
+            physical = self._placement.target(key)
+            if physical not in self._placement.physicals():
+                try:
+                    self.client.create_shard_key(
+                        self.collection,
+                        physical,
+                        shards_number=self._shards_per_key,
+                        replication_factor=self._replication_factor,
+                    )
+                except Exception:
+                    if physical not in self._shard_keys():  # another writer may have created it
+                        raise
+        return self._placement.place(key)
 
     def _reading(self) -> contextlib.AbstractContextManager[Any]:
         # Local mode's in-process arrays are resized by writes and not safe to read meanwhile;
         # a server client is (reads there need no lock).
         return self._write_lock if self._local else contextlib.nullcontext()
 
-    def _selector(self, shard: str | list[str] | None) -> Any:
-        return shard if self.use_shard_keys else None
+    def _selector(self, physical: str | list[str] | None) -> Any:
+        return physical if self.use_shard_keys else None
+
+    def _shared_filter(self, shard: str) -> tuple[str | None, list[str] | None]:
+        """(physical shard of logical ``shard``, the ``shard`` values to filter on there or None)."""
+        physical = self._placement.physical(shard)
+        return physical, None if physical == shard else [shard]
 
     # ---- primitives ---------------------------------------------------------------------------
 
     def _fetch(self, point_ids: list[str], *, with_vectors: bool) -> dict[str, list[StoredPoint]]:
         # With shard keys the same id may exist under several keys (mid-move): ask each key.
-        keys: list[str | None] = sorted(self._known) if self.use_shard_keys else [None]
+        keys: list[str | None] = list(self._placement.physicals()) if self.use_shard_keys else [None]
         out: dict[str, list[StoredPoint]] = {}
         for key in keys:
             with self._reading():
@@ -222,14 +268,14 @@ class QdrantIndex(GuardedIndex):
             for rec in records:
                 payload = dict(rec.payload or {})
                 vec = rec.vector.get(VECTOR_NAME) if with_vectors and isinstance(rec.vector, dict) else None
-                shard = key if key is not None else payload.get(SHARD_KEY, TOMBSTONE_SHARD)
+                shard = key if key not in (None, OVERFLOW_SHARD) else payload.get(SHARD_KEY, TOMBSTONE_SHARD)
                 out.setdefault(str(rec.id), []).append(
                     StoredPoint(shard, payload, None if vec is None else np.asarray(vec, np.float32))
                 )
         return out
 
     def _put(self, shard: str, points: list[PutPoint]) -> None:
-        self._ensure_shard(shard)
+        physical = self._place(shard)
         structs = [
             qm.PointStruct(
                 id=p.point_id,
@@ -238,26 +284,23 @@ class QdrantIndex(GuardedIndex):
             )
             for p in points
         ]
-        self.client.upsert(self.collection, structs, wait=True, shard_key_selector=self._selector(shard))
+        self.client.upsert(self.collection, structs, wait=True, shard_key_selector=self._selector(physical))
 
     def _drop(self, shard: str, point_ids: list[str]) -> None:
-        if self.use_shard_keys:
+        physical, keys = self._shared_filter(shard)
+        if physical is None:
+            return
+        if keys is None:
             selector: qm.PointsSelector = qm.PointIdsList(points=list(point_ids))
         else:
             selector = qm.FilterSelector(
-                filter=qm.Filter(
-                    must=[
-                        qm.HasIdCondition(has_id=list(point_ids)),
-                        qm.FieldCondition(key=SHARD_KEY, match=qm.MatchValue(value=shard)),
-                    ]
-                )
+                filter=qm.Filter(must=[qm.HasIdCondition(has_id=list(point_ids)), *_conditions({}, keys)])
             )
-        self.client.delete(self.collection, selector, wait=True, shard_key_selector=self._selector(shard))
+        self.client.delete(self.collection, selector, wait=True, shard_key_selector=self._selector(physical))
 
-    def _live_filter(self, shards: list[str] | None, where: Where) -> qm.Filter:
-        must: list[qm.Condition] = [qm.HasVectorCondition(has_vector=VECTOR_NAME), *_conditions(where)]
-        if shards is not None and not self.use_shard_keys:
-            must.append(qm.FieldCondition(key=SHARD_KEY, match=qm.MatchAny(any=list(shards))))
+    @staticmethod
+    def _live_filter(keys: list[str] | None, where: Where) -> qm.Filter:
+        must: list[qm.Condition] = [qm.HasVectorCondition(has_vector=VECTOR_NAME), *_conditions(where, keys)]
         return qm.Filter(
             must=must, must_not=[qm.FieldCondition(key=DELETED_KEY, match=qm.MatchValue(value=True))]
         )
@@ -271,11 +314,20 @@ class QdrantIndex(GuardedIndex):
         self, vectors: list[list[float]], limit: int, shards: list[str] | None, where: Where
     ) -> list[list[SearchHit]]:
         """All queries in one round trip (``query_batch_points``)."""
-        flt = self._live_filter(shards, where)
+        selector: list[str] | None = None
+        keys: list[str] | None = None
+        if shards is not None:
+            plan = self._placement.plan(shards)
+            if not plan:
+                return [[] for _ in vectors]
+            selector = sorted(plan)
+            # Dedicated shards' points carry their key too, so one filter serves every shard key.
+            keys = shards if any(v is not None for v in plan.values()) else None
+        flt = self._live_filter(keys, where)
         requests = [
             qm.QueryRequest(
                 query=v, using=VECTOR_NAME, limit=limit, filter=flt, with_payload=True,
-                params=None if self._local else self._search_params, shard_key=self._selector(shards),
+                params=None if self._local else self._search_params, shard_key=self._selector(selector),
             )
             for v in vectors
         ]
@@ -291,27 +343,28 @@ class QdrantIndex(GuardedIndex):
         return out
 
     def _count(self, shard: str | None) -> int:
-        shards = [shard] if shard is not None else None
+        physical, keys = (None, None) if shard is None else self._shared_filter(shard)
         with self._reading():
             return self.client.count(
                 self.collection,
-                count_filter=self._live_filter(shards, {}),
+                count_filter=self._live_filter(keys, {}),
                 exact=True,
-                shard_key_selector=self._selector(shard),
+                shard_key_selector=self._selector(physical),
             ).count
 
     def _scroll(
         self, shard: str, offset: Any, limit: int, *, with_vectors: bool
     ) -> tuple[list[tuple[str, StoredPoint]], Any]:
+        physical, keys = self._shared_filter(shard)
         with self._reading():
             records, next_offset = self.client.scroll(
                 self.collection,
-                scroll_filter=self._live_filter([shard], {}),
+                scroll_filter=self._live_filter(keys, {}),
                 limit=limit,
                 offset=offset,
                 with_payload=True,
                 with_vectors=[VECTOR_NAME] if with_vectors else False,
-                shard_key_selector=self._selector(shard),
+                shard_key_selector=self._selector(physical),
             )
         page = []
         for rec in records:
@@ -325,7 +378,7 @@ class QdrantIndex(GuardedIndex):
     # ---- VectorIndex --------------------------------------------------------------------------
 
     def shards(self) -> list[str]:
-        return sorted(k for k in self._known if k != TOMBSTONE_SHARD)
+        return [k for k in self._placement.keys() if k != TOMBSTONE_SHARD]
 
     def close(self) -> None:
         with self._write_lock:

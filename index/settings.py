@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, SecretStr, Tag
 
+from index.placement import DEFAULT_MAX_SHARDS
+
 VAR_DIR = Path(__file__).resolve().parent.parent / "var"
 
 
@@ -19,8 +21,16 @@ class _Hnsw(BaseModel):
     hnsw_ef: int = Field(default=128, ge=8, description="HNSW search beam width")
 
 
-class EdgeIndexSettings(_Hnsw):
-    """Embedded: one on-disk Qdrant Edge shard per top-level category; one process opens it."""
+class _Sharding(_Hnsw):
+    # Why 32: index/placement.py (DEFAULT_MAX_SHARDS).
+    max_shards: int = Field(default=DEFAULT_MAX_SHARDS, ge=1, description="most physical shards per generation "
+                            "(Edge shard directories, Qdrant shard keys): categories past it share one overflow "
+                            "shard, told apart by the payload shard key; a category keeps the shard it was "
+                            "first written to, so a change affects new categories only")
+
+
+class EdgeIndexSettings(_Sharding):
+    """Embedded: one on-disk Qdrant Edge shard per top-level category (up to max_shards); one process opens it."""
 
     backend: Literal["edge"] = Field(default="edge", description="which index: edge (embedded) or qdrant (a server)")
     dir: Path = Field(default=VAR_DIR / "index", description="where the generations' shard directories live")
@@ -28,7 +38,7 @@ class EdgeIndexSettings(_Hnsw):
                                                   "rescored with the float vectors")
 
 
-class QdrantIndexSettings(_Hnsw):
+class QdrantIndexSettings(_Sharding):
     """A Qdrant server or cluster: one collection per model generation, custom shard keys."""
 
     backend: Literal["qdrant"] = Field(default="qdrant", description="which index: edge (embedded) or qdrant (a server)")
