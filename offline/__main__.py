@@ -14,6 +14,7 @@ TOOLS = {
     "hygiene": ("offline.hygiene.__main__", "catalog hygiene reports: dupes | denoise | merge"),
     "bench-embed": ("offline.bench.embed", "images/s torch vs ONNX Runtime, per-stage query latency"),
     "bench-ingest": ("offline.bench.ingest", "event published -> searchable items/s vs the embedding ceiling"),
+    "bench-decode": ("offline.bench.decode", "large-JPEG reduced-scale decode: memory, time, Recall@1 on vs off"),
     "drill": ("offline.drill", "reliability drill on the real broker, Redis, worker and dispatcher"),
 }
 

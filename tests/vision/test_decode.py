@@ -134,3 +134,148 @@ def test_16bit_png():
 def test_grayscale():
     out = decode_image(_encode(Image.new("L", (5, 5), 128), "PNG"))
     assert out.mode == "RGB" and tuple(np.asarray(out)[0, 0]) == (128, 128, 128)
+
+
+# --- reduced-scale (draft) decoding of large JPEGs ---------------------------------------------------
+
+def _gradient(size: tuple[int, int], mode: str = "RGB") -> Image.Image:
+    """A smooth picture (survives DCT downscaling almost exactly), with a red stripe on the left."""
+    w, h = size
+    x = np.linspace(0, 255, w, dtype=np.float32)[None, :].repeat(h, 0)
+    y = np.linspace(0, 255, h, dtype=np.float32)[:, None].repeat(w, 1)
+    a = np.stack([x, y, np.full_like(x, 128)], axis=2).astype(np.uint8)
+    a[:, : w // 4] = (255, 0, 0)
+    return Image.fromarray(a).convert(mode)
+
+
+def _sof_dimensions(data: bytes) -> tuple[int, int]:
+    i = data.index(b"\xff\xc0")
+    h, w = struct.unpack(">HH", data[i + 5 : i + 9])
+    return w, h
+
+
+def _claiming(data: bytes, width: int, height: int) -> bytes:
+    """The JPEG ``data`` with its SOF0 header rewritten to claim width x height."""
+    i = data.index(b"\xff\xc0")
+    return data[: i + 5] + struct.pack(">HH", height, width) + data[i + 9 :]
+
+
+@pytest.mark.parametrize(
+    ("size", "min_side", "expected"),
+    [
+        ((1000, 640), 100, (250, 160)),  # min(1000 // 100, 640 // 100) = 6 -> 1/4
+        ((640, 1000), 100, (160, 250)),  # portrait: the same test, on the shorter side
+        ((1000, 640), 300, (500, 320)),  # 640 // 300 = 2 -> 1/2
+        ((2000, 1800), 100, (250, 225)),  # 1/8 is the largest reduction there is
+        ((1001, 641), 80, (126, 81)),  # sides round up: ceil(1001 / 8), ceil(641 / 8)
+    ],
+)
+def test_large_jpeg_decodes_at_reduced_scale_keeping_the_shorter_side(size, min_side, expected):
+    out = decode_image(_encode(_gradient(size), "JPEG", quality=90), draft_min_side=min_side)
+    assert out.mode == "RGB" and out.size == expected
+    assert min(out.size) >= min_side  # the guarantee is on the shorter side
+    assert out.size[0] < size[0] and out.size[1] < size[1]
+    # The largest reduction was taken: halving once more would go below min_side (or 1/8 already).
+    assert min(out.size) < 2 * min_side or max(size) // max(out.size) == 8
+
+
+def test_default_draft_min_side_on_a_camera_sized_jpeg():
+    from vision.decode import DEFAULT_DRAFT_MIN_SIDE
+
+    assert DEFAULT_DRAFT_MIN_SIDE == 1024
+    data = _encode(Image.new("RGB", (3000, 2048), (90, 140, 30)), "JPEG", quality=90)
+    out = decode_image(data)  # the default: min(3000 // 1024, 2048 // 1024) = 2 -> 1/2
+    assert out.size == (1500, 1024) and min(out.size) >= DEFAULT_DRAFT_MIN_SIDE
+    assert decode_image(data, draft_min_side=None).size == (3000, 2048)
+    assert decode_image(data, draft_min_side=0).size == (3000, 2048)
+    assert decode_image(_encode(Image.new("RGB", (3000, 2047)), "JPEG")).size == (3000, 2047)
+
+
+@pytest.mark.parametrize(("size", "min_side"), [((1000, 640), 321), ((348, 348), 1024), ((1000, 640), 640)])
+def test_jpeg_too_small_to_reduce_is_unchanged(size, min_side):
+    out = decode_image(_encode(_gradient(size), "JPEG", quality=90), draft_min_side=min_side)
+    assert out.size == size
+
+
+def test_drafted_pixels_match_a_full_decode():
+    data = _encode(_gradient((1600, 1200)), "JPEG", quality=95)
+    small = decode_image(data, draft_min_side=150)  # 1/8 -> 200x150
+    full = decode_image(data, draft_min_side=None).resize(small.size, Image.Resampling.BILINEAR)
+    diff = np.abs(np.asarray(small, np.int16) - np.asarray(full, np.int16))
+    assert small.size == (200, 150)
+    assert diff.mean() < 2.0
+    assert tuple(np.asarray(small)[75, 10]) == pytest.approx((255, 0, 0), abs=12)  # colour kept
+
+
+@pytest.mark.parametrize(
+    ("orientation", "expected", "red_at"),
+    [(6, (100, 200), (5, 50)), (8, (100, 200), (195, 50)), (3, (200, 100), (50, 195)), (1, (200, 100), (50, 5))],
+)
+def test_exif_orientation_applied_to_a_drafted_jpeg(orientation, expected, red_at):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = _encode(_gradient((800, 400)), "JPEG", exif=exif.tobytes(), quality=95)  # red: left quarter
+    out = decode_image(data, draft_min_side=100)  # stored 800x400 -> 1/4 -> 200x100, then rotated
+    assert out.size == expected
+    row, col = red_at  # 6 (90 CW): left -> top; 8 (90 CCW): left -> bottom; 3 (180): left -> right
+    r, g, b = np.asarray(out)[row, col].astype(int)
+    assert r > 200 and g < 60 and b < 60
+    assert min(out.size) >= 100
+
+
+def test_png_and_webp_are_not_reduced():
+    img = _gradient((1000, 640))
+    for fmt in ("PNG", "WEBP"):
+        assert decode_image(_encode(img, fmt), draft_min_side=100).size == (1000, 640), fmt
+
+
+def test_cmyk_and_grayscale_jpegs_reduced_to_rgb():
+    out = decode_image(_encode(Image.new("CMYK", (800, 800), (0, 255, 255, 0)), "JPEG"), draft_min_side=100)
+    assert out.mode == "RGB" and out.size == (100, 100)
+    r, g, b = np.asarray(out)[50, 50].astype(int)
+    assert r > 200 and g < 60 and b < 60
+    out = decode_image(_encode(_gradient((800, 800), "L"), "JPEG"), draft_min_side=100)
+    assert out.mode == "RGB" and out.size == (100, 100)
+
+
+def test_pixel_cap_refuses_from_the_header_before_any_decode(monkeypatch):
+    from PIL import JpegImagePlugin
+
+    calls = []
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", lambda self, *a: calls.append("draft"))
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "load", lambda self: calls.append("load"))
+    real = _encode(_gradient((64, 48)), "JPEG")
+    assert _sof_dimensions(real) == (64, 48)
+    # 9000 x 8000 = 72 MP claimed, a few hundred bytes of data: refused on the header alone, even
+    # though at draft 1/8 it would be a mere 1.1 MP.
+    bomb = _claiming(real, 9000, 8000)
+    assert _reason(bomb, draft_min_side=1000) == "too_many_pixels"
+    assert _reason(_encode(_gradient((1000, 640)), "JPEG"), max_pixels=639_999, draft_min_side=100) == (
+        "too_many_pixels"
+    )
+    assert calls == []
+
+
+def test_truncated_large_jpeg_still_fails_when_drafted():
+    data = _encode(Image.effect_noise((1024, 1024), 50).convert("RGB"), "JPEG", quality=95)
+    assert decode_image(data, draft_min_side=100).size == (128, 128)
+    assert _reason(data[: len(data) // 3], draft_min_side=100) == "corrupt"
+
+
+def test_load_image_passes_draft_min_side(tmp_path):
+    p = tmp_path / "big.jpg"
+    p.write_bytes(_encode(_gradient((1000, 640)), "JPEG"))
+    assert load_image(p, draft_min_side=100).size == (250, 160)
+    assert load_image(p, draft_min_side=None).size == (1000, 640)
+
+
+def test_mpo_phone_jpeg_is_reduced_too():
+    # Phones often write MPO (JPEG + extra frames); it sniffs as JPEG and its first frame is drafted.
+    buf = io.BytesIO()
+    Image.new("RGB", (1000, 640), (200, 10, 10)).save(
+        buf, "MPO", save_all=True, append_images=[Image.new("RGB", (1000, 640), (10, 200, 10))]
+    )
+    out = decode_image(buf.getvalue(), draft_min_side=100)
+    assert out.mode == "RGB" and out.size == (250, 160)
+    r, g, _ = np.asarray(out)[80, 125].astype(int)
+    assert r > 180 and g < 40
