@@ -10,3 +10,9 @@ QUERY_STAGE_SECONDS = Histogram(
 )
 QUERY_ERRORS = Counter("tongkuan_query_errors_total", "Rejected or failed queries by reason", ["reason"])
 QUERIES = Counter("tongkuan_queries_total", "Queries served", ["endpoint"])
+# Requests refused before any search work is done (query.access, query.body, the decode slots).
+REJECT_REASONS = ("unauthorized", "forbidden", "rate_limited", "slow_body", "busy")
+REJECTED = Counter("tongkuan_api_rejected_total", "API requests refused by reason "
+                   "(unauthorized, forbidden, rate_limited, slow_body, busy)", ["reason"])
+for _reason in REJECT_REASONS:  # exported at 0 from the start, so rate() and alerts see every series
+    REJECTED.labels(_reason)

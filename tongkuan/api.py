@@ -7,21 +7,32 @@ blue/green switch is followed by a background thread every ``TONGKUAN_API__SERVI
 (it loads the new model before swapping), so no request waits for a model load. The embedded Edge
 index is owned by one process: serve search from this process against a Qdrant server
 (``TONGKUAN_INDEX__BACKEND=qdrant``), or with the worker stopped.
+
+Access (``query.access``): the query routes need a key with the ``search`` scope; ``/metrics`` and the
+API docs (``/docs``, ``/redoc``, ``/openapi.json``: off on the public app, served again here) need
+``admin``; ``/healthz`` is open and the hook checks its own HMAC signature. Start-up refuses to run
+without keys outside development. Browsers may call from ``TONGKUAN_API__CORS_ORIGINS`` only.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from events.bus import EventProducer
 from events.hook import router as hook_router
 from index.generations import GenerationManager
 from index.serving import ServingHolder
-from query.http import get_searcher
+from query.access import API_KEY_HEADER, Access, access_from_settings, require
+from query.body import BodyTimeouts
+from query.http import DecodeSlots, get_searcher
 from query.http import router as query_router
 from query.searcher import Searcher
 from tongkuan.config import ApiConfig, load
@@ -30,15 +41,24 @@ log = logging.getLogger(__name__)
 
 
 def create_app(*, config: ApiConfig | None = None, searcher: Searcher | None = None,
-               producer: EventProducer | None = None) -> FastAPI:
-    """``config``: read from the environment at start-up when not given. ``searcher`` / ``producer``:
-    use these instead of opening the index / connecting to Kafka (tests, in-process use)."""
+               producer: EventProducer | None = None, access: Access | None = None) -> FastAPI:
+    """``config``: read from the environment when not given. ``searcher`` / ``producer`` / ``access``:
+    use these instead of opening the index / connecting to Kafka / reading the keys file (tests,
+    in-process use)."""
+    cfg = config or load(ApiConfig)
 
     @asynccontextmanager
     async def lifespan(a: FastAPI):
-        cfg = config or load(ApiConfig)
         if cfg.environment == "development":
             log.warning("TONGKUAN_ENVIRONMENT=development: production checks are relaxed")
+        # First: a process that may not serve (no keys in production) opens nothing.
+        a.state.access = access or access_from_settings(cfg.api.keys_file, cfg.environment,
+                                                        reload_s=cfg.api.keys_reload_s)
+        a.state.body_timeouts = BodyTimeouts(idle_timeout_s=cfg.api.body_idle_timeout_s,
+                                             min_rate_bps=cfg.api.min_body_rate_bps,
+                                             grace_s=cfg.api.body_rate_grace_s)
+        # an asyncio semaphore: made here, on the loop that serves
+        a.state.decode_slots = DecodeSlots(cfg.api.decode_slots(), cfg.api.decode_queue_timeout_s)
         a.state.hook_settings = cfg.hook
         owned_producer = holder = None
         if a.state.event_producer is None:
@@ -58,21 +78,56 @@ def create_app(*, config: ApiConfig | None = None, searcher: Searcher | None = N
             if owned_producer is not None:
                 owned_producer.close()
 
-    app = FastAPI(title="tongkuan", lifespan=lifespan)
+    # The docs are off on the public app and served below behind the admin scope.
+    app = FastAPI(title="tongkuan", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.searcher = searcher
     app.state.event_producer = producer
+    if cfg.api.cors_origins:  # none: no CORS headers at all, so browsers refuse every cross-origin call
+        app.add_middleware(CORSMiddleware, allow_origins=cfg.api.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", API_KEY_HEADER, "Content-Type"],
+                           expose_headers=["Retry-After"], max_age=600)
     app.include_router(hook_router)
     app.include_router(query_router)
+    admin = [Depends(require("admin"))]
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=admin, include_in_schema=False)
     def metrics() -> Response:
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
+    @app.get("/openapi.json", dependencies=admin, include_in_schema=False)
+    def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    # The pages carry the schema inline: a browser's own fetch of /openapi.json would have no key.
+    @app.get("/docs", dependencies=admin, include_in_schema=False)
+    def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="tongkuan API",
+                                   swagger_ui_parameters={"spec": app.openapi()})
+
+    @app.get("/redoc", dependencies=admin, include_in_schema=False)
+    def redoc() -> HTMLResponse:
+        return HTMLResponse(_REDOC.format(spec=_script_json(app.openapi())))
+
     return app
+
+
+_REDOC = """<!DOCTYPE html>
+<html><head><title>tongkuan API</title><meta charset="utf-8"/>
+<meta name="viewport" content="width=device-width, initial-scale=1"></head>
+<body><div id="redoc"></div>
+<script src="https://cdn.jsdelivr.net/npm/redoc@2/bundles/redoc.standalone.js"></script>
+<script>Redoc.init({spec}, {{}}, document.getElementById("redoc"));</script>
+</body></html>
+"""
+
+
+def _script_json(value: object) -> str:
+    """JSON that is safe inside a <script> element (no "</script>" or "<!--" can close it)."""
+    return json.dumps(value).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
 def open_serving(cfg: ApiConfig) -> ServingHolder:

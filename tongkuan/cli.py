@@ -1,9 +1,10 @@
-"""``tongkuan`` command line: ingest, search, delete, similar, stats, reembed.
+"""``tongkuan`` command line: ingest, search, delete, similar, stats, reembed, keys.
 
 Every command runs in this process on the configured index (``tongkuan.config.ToolConfig``): it
 writes to the generations that catalog writes must reach and searches the serving one, as the
 worker and the API do. The offline tools (training, evaluation, benchmarks, drills, catalog
-hygiene, the demo) are ``python -m offline <tool>``.
+hygiene, the demo) are ``python -m offline <tool>``. ``keys`` manages the query API's keys file
+(``TONGKUAN_API__KEYS_FILE`` or ``--file``).
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tongkuan.config import ConfigError, ToolConfig, load
+from pydantic import ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from tongkuan.config import ENV_DELIMITER, ENV_PREFIX, ApiSettings, ConfigError, ToolConfig, load
 
 
 @contextmanager
@@ -68,6 +72,11 @@ def cmd_ingest(args, cfg: ToolConfig) -> int:
     from workers.pipeline import IngestReport, ingest
 
     rows = list(read_catalog(args.catalog))
+    # The operator named this catalog: its own files may be read (local refs, confined to the
+    # configured object root, else to the catalog's directory).
+    catalog = Path(args.catalog).resolve()
+    root = cfg.fetch.object_root or (catalog if catalog.is_dir() else catalog.parent)
+    cfg = cfg.model_copy(update={"fetch": cfg.fetch.reading_files_under(root)})
     bad = [r for r in rows if isinstance(r, ItemFailure)]
     items = latest_items(r for r in rows if not isinstance(r, ItemFailure))
     batch = args.batch_size or cfg.worker.ingest_batch_size
@@ -98,8 +107,10 @@ def cmd_search(args, cfg: ToolConfig) -> int:
     with serving(cfg) as (searcher, _index):
         for image in args.images:
             try:
-                data = Path(image).read_bytes()
-                resp = searcher.search_bytes(data, limit=args.limit, max_objects=args.objects)
+                size = Path(image).stat().st_size
+                if size > cfg.image.max_bytes:  # checked before reading: a 300 MiB file is not read
+                    raise ImageError("too_large", f"{size} bytes > limit {cfg.image.max_bytes}")
+                resp = searcher.search_bytes(Path(image).read_bytes(), limit=args.limit, max_objects=args.objects)
             except (OSError, ImageError) as e:
                 print(f"{image}: ERROR {e}", file=sys.stderr)
                 status = 1
@@ -175,6 +186,78 @@ def cmd_reembed(args, cfg: ToolConfig) -> int:
     return 0 if rep.switched or args.no_switch and not rep.missing else 1
 
 
+def cmd_keys(args, cfg: ToolConfig) -> int:
+    from query.access import SCOPES, KeyFileError, add_key, read_keys, revoke_key
+
+    try:
+        path = Path(args.file) if args.file else _KeysEnv().api.keys_file
+    except ValidationError as e:
+        print(f"error: invalid TONGKUAN_API__* settings: {e}", file=sys.stderr)
+        return 2
+    if path is None:
+        print("error: no keys file: set TONGKUAN_API__KEYS_FILE or pass --file", file=sys.stderr)
+        return 2
+    try:
+        if args.keys_cmd == "add":
+            scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
+            unknown = sorted(set(scopes) - set(SCOPES))
+            if unknown or not scopes:
+                print(f"error: --scopes must be some of {', '.join(SCOPES)} (got {args.scopes!r})", file=sys.stderr)
+                return 2
+            if args.burst is not None and args.rate is None:
+                print("error: --burst needs --rate", file=sys.stderr)
+                return 2
+            key = add_key(path, args.id, scopes, rate=args.rate, burst=args.burst)
+            print(f"API key {args.id!r} ({','.join(sorted(set(scopes)))}) added to {path}. It is shown only "
+                  "this once; only its hash is stored:", file=sys.stderr)
+            print(key)
+        elif args.keys_cmd == "list":
+            for k in read_keys(path).keys if path.exists() else ():
+                rate = f"{k.rate:g}/s burst {k.bucket_size}" if k.rate else "unlimited"
+                print(f"{k.id}\t{','.join(k.scopes)}\t{rate}\t{k.created}")
+        elif not revoke_key(path, args.id):
+            print(f"error: no key {args.id!r} in {path}", file=sys.stderr)
+            return 1
+        else:
+            print(f"revoked {args.id!r}; a running API refuses it within TONGKUAN_API__KEYS_RELOAD_S", file=sys.stderr)
+    except (KeyFileError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+class _KeysEnv(BaseSettings):
+    """What ``tongkuan keys`` reads from the environment: the API's settings only (managing keys
+    needs no hook secret)."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_DELIMITER, extra="ignore")
+
+    api: ApiSettings = ApiSettings()
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{value:g} is not above 0")
+    return value
+
+
+def _bounded(low: int, high: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is outside {low}..{high}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tongkuan", description=__doc__.split("\n\n")[0])
     p.add_argument("-v", "--verbose", action="store_true")
@@ -182,14 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("ingest", help="index a catalog (JSONL file or image directory)")
     s.add_argument("catalog")
-    s.add_argument("--batch-size", type=int, default=0)
+    s.add_argument("--batch-size", type=_bounded(0, 1024), default=0)
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=cmd_ingest)
 
     s = sub.add_parser("search", help="find the same product as one or more photos")
     s.add_argument("images", nargs="+")
-    s.add_argument("--limit", type=int, default=5)
-    s.add_argument("--objects", type=int, default=1, help="products to search per photo, main first")
+    s.add_argument("--limit", type=_bounded(1, 100), default=5, help="hits per product (1-100)")
+    s.add_argument("--objects", type=_bounded(1, 5), default=1, help="products to search per photo, main first (1-5)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_search)
 
@@ -199,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("similar", help="items visually similar to an indexed item")
     s.add_argument("item_id")
-    s.add_argument("--limit", type=int, default=10)
+    s.add_argument("--limit", type=_bounded(1, 100), default=10)
     s.set_defaults(func=cmd_similar)
 
     s = sub.add_parser("stats", help="index size per shard")
@@ -217,6 +300,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-switch", action="store_true", help="build and verify, but do not switch")
     s.add_argument("--batch", type=int, default=0, help="items per page/task (default: ingest batch size)")
     s.set_defaults(func=cmd_reembed)
+
+    s = sub.add_parser("keys", help="API keys of the query API (the keys file: TONGKUAN_API__KEYS_FILE)")
+    s.add_argument("--file", help="the keys file (default: TONGKUAN_API__KEYS_FILE)")
+    s.set_defaults(func=cmd_keys)
+    keys = s.add_subparsers(dest="keys_cmd", required=True)
+    k = keys.add_parser("add", help="make a key; prints it once and stores only its hash")
+    k.add_argument("--id", required=True, help="who holds the key (letters, digits, . _ -)")
+    k.add_argument("--scopes", required=True, help="comma-separated: search, feedback, admin")
+    k.add_argument("--rate", type=_positive, help="requests per second (default: unlimited)")
+    k.add_argument("--burst", type=_bounded(1, 1_000_000), help="requests at once above the rate (default: the rate)")
+    keys.add_parser("list", help="ids, scopes and rates (never a key or a hash)")
+    k = keys.add_parser("revoke", help="remove a key (a running API stops accepting it within seconds)")
+    k.add_argument("--id", required=True)
     return p
 
 
@@ -234,6 +330,10 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - a command line answers in one line (-v: with the traceback)
+        logging.getLogger("tongkuan.cli").debug("the command failed", exc_info=True)
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -13,9 +13,11 @@ and ``tests/tongkuan/test_config.py`` keeps the two equal).
 
 from __future__ import annotations
 
+import os
 import sys
 import types
 import typing
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -47,6 +49,33 @@ class ApiSettings(BaseModel):
     serve_search: bool = Field(default=True, description="open the index and serve the query routes")
     serving_refresh_s: float = Field(default=2.0, gt=0, description="how often a background thread follows "
                                      "the serving generation (requests never wait for a model load)")
+    # Access (query.access). The mode is decided in one place: query.access.access_from_settings.
+    keys_file: Path | None = Field(default=None, description="JSON file of API keys (`tongkuan keys add`; hashed "
+                                   "at rest, mode 0600); required outside development (in development, without "
+                                   "one, every route is open)")
+    keys_reload_s: float = Field(default=2.0, gt=0, description="how often the keys file is checked for changes "
+                                 "(a revoked key is refused within this, no restart)")
+    cors_origins: list[str] = Field(default_factory=list, description="browser origins allowed to call the API "
+                                    "(JSON list, e.g. `[\"https://shop.example\"]`); empty: no cross-origin calls")
+    # Slow clients (query.body): uvicorn has no body read timeout, so a client that stalls mid-upload
+    # would hold its connection and the request forever.
+    body_idle_timeout_s: float = Field(default=10.0, gt=0, description="longest wait for the next chunk of a "
+                                       "search upload (408 after it)")
+    min_body_rate_bps: int = Field(default=16384, ge=0, description="slowest average upload rate in bytes/s "
+                                   "accepted once the grace period is over (408 below it; 0 = no minimum)")
+    body_rate_grace_s: float = Field(default=5.0, ge=0, description="seconds of an upload before the minimum "
+                                     "rate applies")
+    # Decode + localize + embed is CPU-bound and ONNX Runtime already spreads one run over the cores, so
+    # more runs at once than cores only add latency; each one may hold a decoded picture of up to
+    # TONGKUAN_IMAGE__MAX_PIXELS (40 MP ≈ 120 MB RGB), so the cap of 8 bounds that memory (~1 GB).
+    max_concurrent_decodes: int | None = Field(default=None, ge=1, description="searches decoding and embedding "
+                                               "at once; unset: the CPU count, at most 8")
+    decode_queue_timeout_s: float = Field(default=1.0, ge=0, description="how long a search waits for a decode "
+                                          "slot before it is answered 503 with Retry-After")
+
+    def decode_slots(self) -> int:
+        """``max_concurrent_decodes``, or the CPU count capped at 8 when unset."""
+        return self.max_concurrent_decodes or min(os.cpu_count() or 1, 8)
 
 
 class _Root(BaseSettings):
@@ -54,7 +83,25 @@ class _Root(BaseSettings):
                                       extra="forbid", frozen=True)
 
     environment: Environment = Field(default="production", description="development relaxes the checks "
-                                     "meant for production (weak hook secret); say so at start-up")
+                                     "meant for production (weak hook secret; local image refs on by "
+                                     "default; the API open without a keys file); processes say so at start-up")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _local_refs_follow_the_environment(cls, data: Any) -> Any:
+        """An unset TONGKUAN_FETCH__LOCAL_REFS is on in development and off elsewhere."""
+        if "fetch" not in cls.model_fields or not isinstance(data, dict):
+            return data
+        development = data.get("environment", "production") == "development"
+        fetch = data.get("fetch")
+        if fetch is None or isinstance(fetch, dict):
+            fetch = dict(fetch or {})
+            if fetch.get("local_refs") is None:
+                fetch["local_refs"] = development
+            return {**data, "fetch": fetch}
+        if isinstance(fetch, FetchSettings) and fetch.local_refs is None:
+            return {**data, "fetch": fetch.model_copy(update={"local_refs": development})}
+        return data
 
 
 class WorkerConfig(_Root):

@@ -19,8 +19,8 @@ from vision.settings import RuntimeSettings
 def test_api_follows_generation_switch(tmp_path, model_dir):
     photo = grocery_root() / "dataset/iconic-images-and-descriptions/Fruit/Apple/Pink-Lady/Pink-Lady_Iconic.jpg"
     index = EdgeIndexSettings(dir=tmp_path / "var" / "index")
-    cfg = ApiConfig(hook=HookSettings(secret="x" * 40), runtime=RuntimeSettings(model_dir=model_dir), index=index,
-                    api=ApiSettings(serving_refresh_s=0.05))
+    cfg = ApiConfig(environment="development", hook=HookSettings(secret="x" * 40),
+                    runtime=RuntimeSettings(model_dir=model_dir), index=index, api=ApiSettings(serving_refresh_s=0.05))
     reg = ModelRegistry(model_dir)
     active = reg.get(reg.active)
     other = reg.get("lite0-imagenet")
