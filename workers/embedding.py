@@ -117,12 +117,14 @@ def processing_failed(item_id: str, error: BaseException) -> ItemFailure:
 def embed_isolating(prepared: list[Prepared], embedders: Sequence[CatalogEmbedder], seconds: dict[str, float],
                     batch_size: int) -> tuple[list[Prepared], dict[str, np.ndarray], list[ItemFailure]]:
     """``embed_prepared`` for the chunk; if the chunk fails, item by item, so that the one picture
-    the model cannot take fails alone."""
+    the model cannot take fails alone. If every item then fails too, the fault is not theirs (the
+    model or its process): the chunk's error is raised, and the batch is retried as a whole."""
     try:
         return prepared, embed_prepared(prepared, embedders, seconds, batch_size), []
     except Exception as e:  # noqa: BLE001 - find the item(s) at fault below
         if len(prepared) == 1:
             return [], {}, [processing_failed(prepared[0].item.item_id, e)]
+        chunk_error = e
     ready: list[Prepared] = []
     parts: dict[str, list[np.ndarray]] = {e.model_id: [] for e in embedders}
     failures: list[ItemFailure] = []
@@ -135,6 +137,8 @@ def embed_isolating(prepared: list[Prepared], embedders: Sequence[CatalogEmbedde
         ready.append(p)
         for model_id, v in vectors.items():
             parts[model_id].append(v)
+    if not ready:
+        raise chunk_error
     return ready, ({m: np.concatenate(v) for m, v in parts.items()} if ready else {}), failures
 
 

@@ -170,3 +170,46 @@ def test_chunks_prepared_ahead_keep_each_vector_with_its_item(tmp_path, index, s
         i = int(rec.item_id.split("-")[1])
         own = ColourEmbedder().embed_catalog([Image.open(tmp_path / f"c{i}.jpg")])[0]
         assert float(np.dot(rec.vector, own)) > 0.999, rec.item_id
+
+
+class _Unforeseen(Exception):
+    """An exception type no check in the pipeline knows."""
+
+
+def test_an_unforeseen_failure_of_one_item_costs_that_item(tmp_path, index):
+    """Of any exception type, in fetch or in the model run: that item is ``processing_failed``
+    (with the exception), the rest of its chunk is indexed."""
+    items = [_item(i, _jpeg(tmp_path / f"u{i}.jpg", (30 * i, 100, 200 - 30 * i))) for i in range(5)]
+
+    class Fetcher(ImageFetcher):
+        def fetch(self, ref):
+            if ref.endswith("u1.jpg"):
+                raise TypeError("a client bug")
+            return super().fetch(ref)
+
+    class Embedder(ColourEmbedder):
+        def embed_catalog(self, images, batch_size=32):
+            if any(im.getpixel((0, 0))[0] >= 75 for im in images):  # u3's and u4's pictures (red 90, 120)
+                raise _Unforeseen("the model cannot take this one")
+            return super().embed_catalog(images, batch_size)
+
+    rep = ingest_items(items, index=index, embedder=Embedder(), batch_size=5,
+                       fetcher=Fetcher(object_root=tmp_path, local_refs=True, max_bytes=200_000))
+    failed = {f.item_id: f for f in rep.failures}
+    assert sorted(rep.indexed) == ["item-0", "item-2"] and set(failed) == {"item-1", "item-3", "item-4"}
+    assert {f.reason for f in failed.values()} == {"processing_failed"}
+    assert "TypeError: a client bug" in failed["item-1"].detail
+    assert "_Unforeseen" in failed["item-3"].detail
+
+
+def test_a_model_that_fails_every_item_fails_the_batch_not_the_items(tmp_path, index):
+    """Not the items' fault: raised (the task retries the batch), nothing dead-lettered."""
+    items = [_item(i, _jpeg(tmp_path / f"m{i}.jpg", (10 * i, 0, 0))) for i in range(3)]
+
+    class Broken(ColourEmbedder):
+        def embed_catalog(self, images, batch_size=32):
+            raise _Unforeseen("no model session")
+
+    with pytest.raises(_Unforeseen):
+        ingest_items(items, index=index, embedder=Broken(), batch_size=3, fetcher=files(items, max_bytes=200_000))
+    assert index.count() == 0
