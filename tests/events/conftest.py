@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import itertools
 import uuid
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -31,6 +32,7 @@ class Bus:
     kind: str
     memory: InMemoryBus | None = None
     settings: KafkaSettings | None = None
+    producers: list[EventProducer] = field(default_factory=list)  # closed when the test ends
 
     def new_topic(self, partitions: int = 3) -> str:
         name = unique("t")
@@ -43,7 +45,9 @@ class Bus:
     def producer(self) -> EventProducer:
         if self.memory is not None:
             return self.memory.producer()
-        return KafkaEventProducer(self.settings)
+        producer = KafkaEventProducer(self.settings)
+        self.producers.append(producer)  # e.g. a dispatcher's: nothing else closes it
+        return producer
 
     def consumer(self, topics: list[str], group: str, **kw: Any) -> EventConsumer:
         if self.memory is not None:
@@ -52,10 +56,14 @@ class Bus:
 
 
 @pytest.fixture(params=["memory", "kafka"])
-def bus(request: pytest.FixtureRequest) -> Bus:
+def bus(request: pytest.FixtureRequest) -> Iterator[Bus]:
     if request.param == "memory":
-        return Bus("memory", memory=InMemoryBus(partitions=3))
-    return Bus("kafka", settings=request.getfixturevalue("kafka_settings"))
+        yield Bus("memory", memory=InMemoryBus(partitions=3))
+        return
+    b = Bus("kafka", settings=request.getfixturevalue("kafka_settings"))
+    yield b
+    for producer in b.producers:  # a second close is harmless (kafka-python: a no-op)
+        producer.close()
 
 
 def drain(consumer: EventConsumer, n: int, timeout: float = 15.0) -> list:
