@@ -37,9 +37,15 @@ class ServingHandle:
 
 
 class ServingHolder:
-    def __init__(self, manager: GenerationManager, pipeline_factory: Callable[[str], Any]):
+    def __init__(self, manager: GenerationManager, pipeline_factory: Callable[[str], Any], *,
+                 index_opener: Callable[[int, str], VectorIndex] | None = None):
+        """``index_opener(dim, model_id)``: how a generation's index is opened (default: ``open_index``
+        on the manager's settings; the API passes a ``RemoteIndex`` maker when another process owns
+        the embedded index)."""
         self.manager = manager
         self._factory = pipeline_factory
+        self._open_index = index_opener or (lambda dim, model_id: open_index(manager.settings, dim,
+                                                                              model_id=model_id))
         self._lock = threading.Lock()
         self._current: ServingHandle | None = None
         self._stop = threading.Event()
@@ -84,7 +90,7 @@ class ServingHolder:
         pipeline = self._factory(gen.name)
         if getattr(pipeline, "model_id", serving) != serving:
             raise GenerationError(f"model {gen.name!r} loads as {pipeline.model_id!r}, generation is {serving!r}")
-        index = open_index(self.manager.settings, gen.dim, model_id=serving)
+        index = self._open_index(gen.dim, serving)
         new = ServingHandle(serving, pipeline, index)
         with self._lock:
             old, self._current = self._current, new  # the swap: one reference assignment

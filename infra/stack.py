@@ -138,7 +138,10 @@ def services(a: argparse.Namespace, bootstrap: str, hook_secret: str) -> list[Se
                  "TONGKUAN_WORKER__CONCURRENCY": str(a.worker_concurrency),
                  "TONGKUAN_WORKER__INGEST_PROCESSES": str(a.ingest_processes),
                  "TONGKUAN_WORKER__METRICS_PORT": str(a.worker_metrics_port),
-                 "TONGKUAN_WORKER__METRICS_ADDR": "127.0.0.1"}),
+                 "TONGKUAN_WORKER__METRICS_ADDR": "127.0.0.1",
+                 # The worker owns the embedded index and serves reads of it to the API.
+                 "TONGKUAN_WORKER__INDEX_READ_PORT": str(a.index_read_port),
+                 "TONGKUAN_WORKER__INDEX_READ_ADDR": "127.0.0.1"}),
         Service("dispatcher", [py, "-m", "tongkuan.dispatcher"],
                 f"http://127.0.0.1:{a.dispatcher_metrics_port}/metrics",
                 {**common, "TONGKUAN_DISPATCHER__METRICS_PORT": str(a.dispatcher_metrics_port),
@@ -150,10 +153,11 @@ def services(a: argparse.Namespace, bootstrap: str, hook_secret: str) -> list[Se
         Service("api",
                 [py, "-m", "uvicorn", "--factory", "tongkuan.api:create_app", "--host", "127.0.0.1",
                  "--port", str(a.api_port)],
-                f"http://127.0.0.1:{a.api_port}/healthz",
+                f"http://127.0.0.1:{a.api_port}/readyz",
                 {**common, "TONGKUAN_HOOK__SECRET": hook_secret,
-                 # The embedded index belongs to the worker (one process per Edge index).
-                 "TONGKUAN_API__SERVE_SEARCH": "false"}),
+                 # The embedded index belongs to the worker (one process per Edge index): search
+                 # embeds here and sends the vectors to the worker's index read service.
+                 "TONGKUAN_API__INDEX_OWNER_URL": f"http://127.0.0.1:{a.index_read_port}"}),
     ]
 
 
@@ -238,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worker-metrics-port", type=int, default=9102)
     ap.add_argument("--dispatcher-metrics-port", type=int, default=9103)
     ap.add_argument("--features-metrics-port", type=int, default=9104)
+    ap.add_argument("--index-read-port", type=int, default=9110, help="the worker's index read service")
     ap.add_argument("--worker-pool", choices=("threads", "solo"), default="threads")
     ap.add_argument("--worker-concurrency", type=int, default=2, help="tasks at once (threads pool)")
     ap.add_argument("--ingest-processes", type=int, default=2,

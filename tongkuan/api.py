@@ -29,6 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from events.bus import EventProducer
 from events.hook import router as hook_router
 from index.generations import GenerationManager
+from index.remote import RemoteIndex
 from index.serving import ServingHolder
 from query.access import API_KEY_HEADER, Access, access_from_settings, require
 from query.body import BodyTimeouts
@@ -140,8 +141,10 @@ def open_serving(cfg: ApiConfig) -> ServingHolder:
     try:
         entry, _ = registry.resolve(cfg.runtime.model)
         mgr.ensure_serving(entry.model_id, name=entry.name, dim=entry.dim)
+        owner = cfg.api.index_owner_url
         holder = ServingHolder(mgr, lambda name: VisionPipeline.from_settings(
-            cfg.runtime.model_copy(update={"model": name})))
+            cfg.runtime.model_copy(update={"model": name})),
+            index_opener=(lambda dim, model_id: RemoteIndex(owner, model_id, dim)) if owner else None)
         holder.refresh()
         return holder
     except Exception:

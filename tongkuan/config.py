@@ -47,6 +47,10 @@ class ApiSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     serve_search: bool = Field(default=True, description="open the index and serve the query routes")
+    index_owner_url: str = Field(default="", description="embedded index only: the index read service of the "
+                                 "process that owns it (the worker's TONGKUAN_WORKER__INDEX_READ_PORT, e.g. "
+                                 "http://127.0.0.1:9110); search goes through it while that process ingests. "
+                                 "Empty: this process opens the index itself")
     serving_refresh_s: float = Field(default=2.0, gt=0, description="how often a background thread follows "
                                      "the serving generation (requests never wait for a model load)")
     # Access (query.access). The mode is decided in one place: query.access.access_from_settings.

@@ -4,6 +4,8 @@
 The configuration (``tongkuan.config.WorkerConfig``) is read when the worker starts: the Celery app
 asks for it when it first needs its settings, and the runtime (models, index targets, fetcher,
 dead-letter producer) is built when the pool is ready (solo, threads) or in each prefork child.
+With ``TONGKUAN_WORKER__INDEX_READ_PORT`` the runtime also serves reads of the index it owns
+(``index.remote``): that is how the API searches the embedded index while this worker ingests.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ runtime.install(build)
 @signals.worker_process_init.connect
 def _on_process_init(**_: object) -> None:
     metrics.start_worker_metrics(config().worker, config().celery, child=True)
+    if config().worker.index_read_port:  # prefork: the child owns the index, so it serves the reads
+        runtime.current()
 
 
 @signals.worker_ready.connect
@@ -68,7 +72,11 @@ def _on_ready(sender=None, **_: object) -> None:
         log.warning("TONGKUAN_ENVIRONMENT=development: production checks are relaxed")
     if pool == "thread":
         metrics.start_worker_metrics(c.worker, c.celery, child=False)
-    if c.worker.warmup and pool != "prefork":  # prefork children load on their first task
+    if pool == "prefork":  # prefork children load on their first task (or at init, serving reads)
+        return
+    if c.worker.index_read_port:  # the runtime starts the index read service: search works from now on
+        runtime.current()
+    if c.worker.warmup:
         rt = runtime.current()
         seconds = runtime.warm_up(rt)
         log.info("model warmed up in %.2fs (%d tasks at once)", seconds, rt.tasks_at_once)

@@ -20,8 +20,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from events.deadletter import Publisher
+from index.base import VectorIndex
+from index.factory import open_index
 from index.generations import GenerationManager
+from index.remote import IndexReadService, UnknownGeneration
 from index.settings import IndexSettings
+from index.state import GenerationError
 from index.targets import ModelRef, WriteTargets
 from vision.settings import ImageSettings, RuntimeSettings
 from workers.cpu import limit_blas_threads, model_runs_at_once, shared_cores
@@ -63,6 +67,9 @@ def check_layout(index: IndexSettings, worker: WorkerSettings, pool: str, concur
     if index.backend == "edge" and pool == "prefork" and concurrency > 1:
         raise RuntimeError("the embedded (edge) index is owned by one process: use TONGKUAN_WORKER__POOL=solo or "
                            "threads, or prefork with concurrency 1; several processes need the qdrant backend")
+    if worker.index_read_port and pool == "prefork" and concurrency > 1:
+        raise RuntimeError("TONGKUAN_WORKER__INDEX_READ_PORT serves one process's index: with prefork, use "
+                           "concurrency 1 (the children would compete for the port)")
     if worker.ingest_processes and pool == "prefork":
         raise RuntimeError("ingest_processes needs the solo or threads pool: prefork's children are daemonic and "
                            "cannot start embedding processes (prefork is processes already)")
@@ -82,6 +89,8 @@ def build_runtime(*, worker: WorkerSettings, runtime: RuntimeSettings, image: Im
         manager.ensure_serving(model_id, name=name, dim=dim)
         targets = WriteTargets(manager)
         closers.append(targets.close)
+        if worker.index_read_port:
+            closers.append(serve_index_reads(manager, worker.index_read_addr, worker.index_read_port).close)
         fetcher = ImageFetcher.from_settings(fetch, image.max_bytes)
         models: dict[str, CatalogEmbedder] = {}
         lock = threading.Lock()
@@ -117,6 +126,32 @@ def build_runtime(*, worker: WorkerSettings, runtime: RuntimeSettings, image: Im
         for close in reversed(closers):
             close()
         raise
+
+
+def serve_index_reads(manager: GenerationManager, host: str, port: int) -> IndexReadService:
+    """Serve reads of this process's generations (the ones the state names) on ``host:port``, the
+    same shared ``EdgeIndex`` objects the tasks write to (``open_index`` shares per process); a
+    generation is opened on its first read and held until the service closes."""
+    held: dict[str, VectorIndex] = {}
+    lock = threading.Lock()
+
+    def lookup(model_id: str) -> VectorIndex:
+        with lock:
+            if model_id not in held:
+                try:
+                    gen = manager.generation(model_id)
+                except GenerationError as e:
+                    raise UnknownGeneration(str(e)) from e
+                held[model_id] = open_index(manager.settings, gen.dim, model_id=model_id)
+            return held[model_id]
+
+    def release() -> None:
+        with lock:
+            for index in held.values():
+                index.close()
+            held.clear()
+
+    return IndexReadService(lookup, host, port, on_close=release).start()
 
 
 def warm_up(rt: WorkerRuntime, rounds: int = 2) -> float:
@@ -173,4 +208,4 @@ def set_runtime(rt: WorkerRuntime | None) -> WorkerRuntime | None:
         return previous
 
 
-__all__ = ["ModelRef", "WorkerRuntime", "build_runtime", "check_layout", "current", "install", "set_runtime", "warm_up"]
+__all__ = ["ModelRef", "WorkerRuntime", "build_runtime", "check_layout", "current", "install", "serve_index_reads", "set_runtime", "warm_up"]

@@ -56,6 +56,11 @@ class WorkerSettings(_Component):
     optimize_every: int = Field(default=5000, ge=0, description="build the HNSW graph every N writes (0: never)")
     metrics_port: int = Field(default=9102, ge=0, le=65535, description="/metrics port (prefork child: + index; 0: off)")
     metrics_addr: str = Field(default="127.0.0.1", description="/metrics address")
+    # The embedded index has one owner, this process: the API searches it through this port
+    # (index.remote), so search runs while the worker ingests. Loopback only by default.
+    index_read_port: int = Field(default=0, ge=0, le=65535, description="serve reads of the index this worker "
+                                 "owns (the API's TONGKUAN_API__INDEX_OWNER_URL points here; 0: off)")
+    index_read_addr: str = Field(default="127.0.0.1", description="address of the index read service")
     warmup: bool = Field(default=True, description="load the model and run it before the first task")
     embedder: Literal["onnx", "thumbnail"] = Field(default="onnx", description="onnx: the registry's model; "
                                                    "thumbnail: a cheap stand-in for drills and tests")

@@ -1,5 +1,5 @@
 """One fixture, ``make_index``, over every ``VectorIndex`` implementation that can run here:
-EdgeIndex in tmp_path, QdrantIndex on ``QdrantClient(":memory:")`` (shard payload mode), and
+EdgeIndex in tmp_path, the same read through ``RemoteIndex`` (``edge-remote``), QdrantIndex on ``QdrantClient(":memory:")`` (shard payload mode), and
 QdrantIndex with shard keys on ``ShardedLocalClient`` (a server's custom sharding, emulated)."""
 
 from __future__ import annotations
@@ -12,12 +12,13 @@ from qdrant_client import QdrantClient
 from index.base import VectorIndex
 from index.edge import EdgeIndex
 from index.qdrant import QdrantIndex
+from tests.index.remote_split import OwnerAndReader
 from tests.index.sharded_client import ShardedLocalClient
 
 DIM = 16
 
 
-@pytest.fixture(params=["edge", "qdrant-local", "qdrant-sharded"])
+@pytest.fixture(params=["edge", "edge-remote", "qdrant-local", "qdrant-sharded"])
 def backend(request: pytest.FixtureRequest) -> str:
     return request.param
 
@@ -42,6 +43,8 @@ def make_index(backend: str, tmp_path, _client) -> Iterator[Callable[..., Vector
     def make(dim: int = DIM, **options) -> VectorIndex:
         if backend == "edge":
             ix: VectorIndex = EdgeIndex(tmp_path / "edge", dim, **options)
+        elif backend == "edge-remote":
+            ix = OwnerAndReader(EdgeIndex(tmp_path / "edge", dim, **options))
         else:
             ix = QdrantIndex(_client, "test", dim, **options)  # type: ignore[arg-type]
         opened.append(ix)
@@ -58,7 +61,7 @@ def physical_shards(backend: str, tmp_path, _client) -> Callable[[], int]:
     Edge shard directories, Qdrant shard keys, or 1 (local mode's one collection)."""
 
     def count() -> int:
-        if backend == "edge":
+        if backend in ("edge", "edge-remote"):
             return sum(1 for p in (tmp_path / "edge" / "shards").iterdir() if p.is_dir())
         if backend == "qdrant-sharded":
             return len(_client.list_shard_keys("test").shard_keys)
