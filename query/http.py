@@ -1,36 +1,49 @@
-"""HTTP routes of the query side: image search and similar items. Thin: they parse, call ``Searcher``
-and map errors to status codes.
+"""HTTP routes of the query side. Thin: they parse (``query.inputs``), call ``Searcher`` and map
+errors to ``{error, reason, detail}`` (``query.errors``).
 
-* ``POST /v1/search?limit=&objects=`` — body: the photo's bytes (JPEG/PNG/WebP). 413 over the byte
-  cap, 408 for a body that stalls or trickles (``query.body``), 422 with the reason code for an image
-  that cannot be used (``empty``, ``corrupt``, ``unsupported``, ``too_many_pixels``), 503 with
-  ``Retry-After`` when every decode slot stays busy for the queue timeout.
-* ``GET /v1/items/{item_id}/similar?limit=`` — for recommenders; 404 for an unknown id.
+* ``POST /v1/search?limit=&objects=`` — the photo as raw bytes (JPEG/PNG/WebP), a multipart form
+  (``image`` file; ``text``, ``limit``, ``objects``, ``category``, ``shop`` fields) or JSON
+  (``query.models.SearchRequest``: ``image_base64`` or ``image_url``, filters). An ``image_url`` is
+  fetched with the ingest fetcher's checks (public addresses only, byte cap, total deadline; never
+  a local path). 413 over the byte cap, 408 for a body that stalls or trickles (``query.body``),
+  400/415/422 with the reason for a body, field or image that cannot be used (``bad_json``,
+  ``bad_base64``, ``invalid_request``, ``empty``, ``corrupt``, ``too_many_pixels``, a fetch reason
+  such as ``private_address``), 503 with ``Retry-After`` when every decode slot stays busy, 503
+  ``index_unavailable`` when the index (or its owning process) does not answer.
+* ``GET /v1/items/{item_id}`` — the indexed listing; ``GET /v1/items/{item_id}/similar?limit=`` —
+  for recommenders, without the item and its near duplicates. 404 ``unknown_item``.
 
-Both need a key with the ``search`` scope (``query.access``: 401/403/429), checked before the body is
-read. ``app.state`` provides ``access``, ``body_timeouts`` and ``decode_slots`` (``tongkuan.api`` sets
-them at start-up).
+All need a key with the ``search`` scope (``query.access``: 401/403/429), checked before the body is
+read. ``app.state`` provides ``access``, ``body_timeouts``, ``decode_slots`` and ``url_fetcher``
+(``tongkuan.api`` sets them at start-up).
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
+from events.fields import UnsupportedScheme, normalize_ref
+from index.base import IndexBackendError
 from query.access import require
 from query.body import BodyTimeouts, read_body
-from query.metrics import QUERIES, REJECTED
-from query.models import SearchHit, SearchResponse
+from query.errors import api_error
+from query.inputs import BadInput, parse_search
+from query.metrics import QUERIES, QUERY_ERRORS, REJECTED
+from query.models import MAX_LIMIT, MAX_OBJECTS, ErrorOut, ItemOut, SearchHit, SearchResponse
 from query.searcher import Searcher, UnknownItemError
 from vision.decode import ImageError
+from workers.fetch import FetchError, ImageFetcher
 
-router = APIRouter(prefix="/v1", tags=["query"], dependencies=[Depends(require("search"))])
+_ERRORS = {code: {"model": ErrorOut} for code in (400, 401, 403, 404, 408, 413, 415, 422, 429, 503)}
+router = APIRouter(prefix="/v1", tags=["query"], dependencies=[Depends(require("search"))], responses=_ERRORS)
 
 
 class DecodeSlots:
@@ -51,8 +64,8 @@ class DecodeSlots:
                 await self._free.acquire()
         except TimeoutError:
             REJECTED.labels("busy").inc()
-            raise HTTPException(503, f"all {self.limit} decode slots are busy; retry shortly",
-                                headers={"Retry-After": str(max(1, math.ceil(self.wait_s)))}) from None
+            raise api_error(503, "busy", f"all {self.limit} decode slots are busy; retry shortly",
+                            headers={"Retry-After": str(max(1, math.ceil(self.wait_s)))}) from None
         try:
             yield
         finally:
@@ -62,8 +75,8 @@ class DecodeSlots:
 def get_searcher(request: Request) -> Searcher:
     searcher = getattr(request.app.state, "searcher", None)
     if searcher is None:
-        raise HTTPException(503, "search is not served by this process (TONGKUAN_API__SERVE_SEARCH=false: "
-                                 "the embedded index belongs to the ingest worker; use the Qdrant backend)")
+        raise api_error(503, "search_off", "search is not served by this process (TONGKUAN_API__SERVE_SEARCH="
+                        "false); the embedded index is searched through its owner (TONGKUAN_API__INDEX_OWNER_URL)")
     return searcher
 
 
@@ -75,41 +88,99 @@ def get_decode_slots(request: Request) -> DecodeSlots:
     return _started(request, "decode_slots")
 
 
+def get_url_fetcher(request: Request) -> ImageFetcher:
+    return _started(request, "url_fetcher")
+
+
 def _started(request: Request, name: str):
     value = getattr(request.app.state, name, None)
     if value is None:  # set by the app's start-up (lifespan)
-        raise HTTPException(503, "the API has not started")
+        raise api_error(503, "not_started", "the API has not started")
     return value
 
 
 SearcherDep = Annotated[Searcher, Depends(get_searcher)]
 BodyTimeoutsDep = Annotated[BodyTimeouts, Depends(get_body_timeouts)]
 DecodeSlotsDep = Annotated[DecodeSlots, Depends(get_decode_slots)]
+FetcherDep = Annotated[ImageFetcher, Depends(get_url_fetcher)]
+LimitQ = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
+# base64 makes a photo 4/3 larger; the JSON around it is small
+_JSON_OVERHEAD = 64 * 1024
 
 
 @router.post("/search", response_model=SearchResponse)
-async def search(
-    request: Request,
-    searcher: SearcherDep,
-    timeouts: BodyTimeoutsDep,
-    slots: DecodeSlotsDep,
-    limit: Annotated[int, Query(ge=1, le=100)] = 10,
-    objects: Annotated[int, Query(ge=1, le=5)] = 1,
-) -> SearchResponse:
+async def search(request: Request, response: Response, searcher: SearcherDep, timeouts: BodyTimeoutsDep,
+                 slots: DecodeSlotsDep, fetcher: FetcherDep, limit: LimitQ = 10,
+                 objects: Annotated[int, Query(ge=1, le=MAX_OBJECTS)] = 1) -> SearchResponse:
     QUERIES.labels("search").inc()
+    request_id = uuid.uuid4().hex
+    response.headers["X-Request-ID"] = request_id
     # The body first, the slot after: a slow client holds no decode slot.
-    body = await read_body(request, max_bytes=searcher.max_image_bytes, timeouts=timeouts)
+    cap = searcher.max_image_bytes * 4 // 3 + _JSON_OVERHEAD
+    body = await read_body(request, max_bytes=cap, timeouts=timeouts)
+    try:
+        inp = parse_search(request.headers.get("content-type", ""), body, limit=limit, objects=objects)
+    except BadInput as e:
+        QUERY_ERRORS.labels(e.reason).inc()
+        raise api_error(e.status, e.reason, e.detail) from None
+    if inp.text:
+        raise api_error(422, "text_unsupported", "text and image+text search need the items' title vectors, "
+                        "which this index does not hold yet; send an image without text")
+    image = inp.image
+    if inp.image_url is not None:
+        image = await run_in_threadpool(_fetch, fetcher, inp.image_url)
+    if image is not None and len(image) > searcher.max_image_bytes:
+        raise api_error(413, "too_large", f"the image is {len(image)} bytes; the limit is {searcher.max_image_bytes}")
     try:
         async with slots.hold():
-            return await run_in_threadpool(searcher.search_bytes, body, limit=limit, max_objects=objects)
+            resp = await run_in_threadpool(searcher.search_bytes, image or b"", limit=inp.limit,
+                                           max_objects=inp.objects, filters=inp.filters)
     except ImageError as e:
-        raise HTTPException(422, {"reason": e.reason, "detail": e.detail}) from e
+        raise api_error(422, e.reason, e.detail) from e
+    except IndexBackendError as e:
+        raise _index_down(e) from e
+    resp.request_id = request_id
+    return resp
 
 
+def _fetch(fetcher: ImageFetcher, url: str) -> bytes:
+    """A shopper's image URL: http(s) only (never an object key or a path of this server)."""
+    try:
+        ref = normalize_ref(url)
+    except (UnsupportedScheme, ValueError) as e:
+        raise api_error(422, "bad_url", str(e)) from None
+    if not ref.startswith(("http://", "https://")):
+        raise api_error(422, "bad_scheme", "image_url must be an http(s) URL")
+    try:
+        return fetcher.fetch(ref)
+    except FetchError as e:
+        QUERY_ERRORS.labels(f"fetch_{e.reason}").inc()
+        raise api_error(422, e.reason, f"image_url could not be used: {e.detail}") from None
+
+
+def _index_down(e: IndexBackendError) -> HTTPException:
+    QUERY_ERRORS.labels("index_unavailable").inc()
+    return api_error(503, "index_unavailable", f"the index did not answer: {e}", headers={"Retry-After": "1"})
+
+
+# Before /items/{id}: the path converter lets ids hold "/", and this route must win for ".../similar".
 @router.get("/items/{item_id:path}/similar", response_model=list[SearchHit])
-def similar(item_id: str, searcher: SearcherDep, limit: Annotated[int, Query(ge=1, le=100)] = 10):
+def similar(item_id: str, searcher: SearcherDep, limit: LimitQ = 10) -> list[SearchHit]:
     QUERIES.labels("similar").inc()
     try:
         return searcher.similar_items(item_id, limit=limit)
-    except UnknownItemError as e:
-        raise HTTPException(404, f"unknown item id: {item_id}") from e
+    except UnknownItemError:
+        raise api_error(404, "unknown_item", f"no indexed item {item_id!r}") from None
+    except IndexBackendError as e:
+        raise _index_down(e) from e
+
+
+@router.get("/items/{item_id:path}", response_model=ItemOut)
+def item(item_id: str, searcher: SearcherDep) -> ItemOut:
+    QUERIES.labels("item").inc()
+    try:
+        return searcher.item(item_id)
+    except UnknownItemError:
+        raise api_error(404, "unknown_item", f"no indexed item {item_id!r}") from None
+    except IndexBackendError as e:
+        raise _index_down(e) from e

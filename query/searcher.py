@@ -18,8 +18,8 @@ from PIL import Image
 from index.base import SearchHit as IndexHit
 from index.base import VectorIndex
 from query.category import DEFAULT_K, CategoryPrediction, predict_category
-from query.metrics import QUERY_ERRORS, QUERY_STAGE_SECONDS
-from query.models import CategoryOut, ObjectResult, SearchHit, SearchResponse
+from query.metrics import NO_MATCH, QUERY_ERRORS, QUERY_STAGE_SECONDS
+from query.models import CategoryOut, ItemOut, ObjectResult, SearchFilters, SearchHit, SearchResponse
 from query.settings import SearchSettings
 from vision.decode import ImageError, decode_image
 
@@ -40,6 +40,26 @@ class UnknownItemError(KeyError):
     pass
 
 
+# Payload key written at ingest (workers.pipeline): every prefix of the item's category path, parts
+# joined by "/", so a category filter is one exact match inside the index.
+CATEGORY_PREFIXES_KEY = "category_prefixes"
+
+
+def restriction(filters: SearchFilters | None) -> tuple[list[str] | None, dict | None]:
+    """``filters`` as (shards, where) for the index: the top-level category is the shard, a deeper
+    prefix and the shops are payload matches."""
+    if filters is None:
+        return None, None
+    where: dict = {}
+    parts = filters.category_parts
+    shards = [parts[0]] if parts else None
+    if len(parts) > 1:
+        where[CATEGORY_PREFIXES_KEY] = "/".join(parts)
+    if filters.shop:
+        where["shop"] = list(filters.shop)
+    return shards, where or None
+
+
 class Searcher:
     def __init__(
         self,
@@ -54,6 +74,7 @@ class Searcher:
         max_image_bytes: int = 20 * 1024 * 1024,
         max_image_pixels: int = 40_000_000,
         image_base_url: str = "",
+        no_match_below: float = 0.0,
     ):
         self.index = index
         self.embedder = embedder
@@ -65,6 +86,7 @@ class Searcher:
         self.max_image_bytes = max_image_bytes
         self.max_image_pixels = max_image_pixels
         self.image_base_url = image_base_url
+        self.no_match_below = no_match_below
 
     @classmethod
     def from_settings(cls, index: VectorIndex, embedder: QueryEmbedder, search: SearchSettings, *,
@@ -73,7 +95,7 @@ class Searcher:
         return cls(index, embedder, candidate_k=search.candidate_k, category_k=search.category_k,
                    shard_min_confidence=search.shard_min_confidence, classifier_weight=search.classifier_weight,
                    reranker=reranker, max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels,
-                   image_base_url=search.image_base_url)
+                   image_base_url=search.image_base_url, no_match_below=search.no_match_below)
 
     # -- entry points -------------------------------------------------------------------------
     def search_bytes(self, data: bytes, **kw) -> SearchResponse:
@@ -96,6 +118,7 @@ class Searcher:
         limit: int = 10,
         max_objects: int = 1,
         shards: Sequence[str] | None = None,
+        filters: SearchFilters | None = None,
     ) -> SearchResponse:
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -107,43 +130,67 @@ class Searcher:
         for stage, seconds in stages.items():
             timings[stage] = seconds * 1000
             QUERY_STAGE_SECONDS.labels(stage).observe(seconds)
+        filter_shards, where = restriction(filters)
+        if filter_shards is not None:
+            shards = filter_shards if shards is None else [s for s in shards if s in filter_shards]
         objects = []
         search_ms = 0.0
         for n, rows in enumerate(_object_groups(q.regions, image.size)[:max_objects]):
             t1 = time.perf_counter()
             # The classifier head sees the whole photo: it speaks for the main product only.
             probs = getattr(q, "category_probs", None) if n == 0 else None
-            pred, hits = self.search_vectors(q.vectors[rows], limit=limit, shards=shards, classifier=probs)
+            pred, hits = self.search_vectors(q.vectors[rows], limit=limit, shards=shards, classifier=probs,
+                                             where=where)
             search_ms += (time.perf_counter() - t1) * 1000
             region = q.regions[rows[0]]
+            no_match = not hits or hits[0].score < self.no_match_below
+            if no_match:
+                NO_MATCH.inc()
             objects.append(
                 ObjectResult(
                     box=tuple(int(v) for v in region.box),
                     region_score=float(region.score),
                     category=pred,
+                    no_match=no_match,
                     hits=hits,
                 )
             )
         timings["search"] = search_ms
         QUERY_STAGE_SECONDS.labels("search").observe(search_ms / 1000)
-        return SearchResponse(model_id=self.embedder.model_id, objects=objects, timings_ms=timings)
+        return SearchResponse(model_id=self.embedder.model_id, image_size=image.size, objects=objects,
+                              ranker="visual" if self.reranker is None else getattr(self.reranker, "name", "rerank"),
+                              timings_ms=timings)
+
+    def item(self, item_id: str) -> ItemOut:
+        recs = self.index.retrieve([item_id])
+        if not recs:
+            raise UnknownItemError(item_id)
+        p = recs[0].payload
+        return ItemOut(item_id=item_id, title=str(p.get("title", "")), category_path=list(p.get("category_path", [])),
+                       image=public_image(p, self.image_base_url), price=p.get("price"), shop=p.get("shop"),
+                       version=recs[0].version, duplicate_of=p.get("duplicate_of"), model_id=str(p.get("model_id", "")),
+                       indexed_at=p.get("indexed_at"))
 
     def similar_items(self, item_id: str, *, limit: int = 10) -> list[SearchHit]:
-        """Items visually similar to an indexed item (for recommenders), the item itself excluded."""
+        """Items visually similar to an indexed item (for recommenders): the item itself and its near
+        duplicates (the listings of its ``duplicate_of`` group) are left out."""
         recs = self.index.retrieve([item_id], with_vectors=True)
         if not recs or recs[0].vector is None:
             raise UnknownItemError(item_id)
         rec = recs[0]
-        raw = self.index.search(rec.vector, limit=limit + 1, shards=[rec.shard])
-        hits = [h for h in raw if h.item_id != item_id]
+        group = str(rec.payload.get("duplicate_of") or item_id)
+        # Near duplicates come first and would eat the limit: ask for more, drop them, collapse the rest.
+        raw = self.index.search(rec.vector, limit=max(limit * 2, limit + 10), shards=[rec.shard])
+        hits = [h for h in raw if h.item_id not in (item_id, group) and h.payload.get("duplicate_of") != group]
         return _collapse(hits, self.image_base_url)[:limit]
 
     # -- the core -----------------------------------------------------------------------------
-    def _search_max(self, vectors: np.ndarray, k: int, shards: Sequence[str] | None) -> list[IndexHit]:
+    def _search_max(self, vectors: np.ndarray, k: int, shards: Sequence[str] | None,
+                    where: dict | None = None) -> list[IndexHit]:
         if len(vectors) == 1:
-            return self.index.search(vectors[0], limit=k, shards=shards)
+            return self.index.search(vectors[0], limit=k, shards=shards, where=where)
         best: dict[str, IndexHit] = {}
-        for hits in self.index.search_batch(vectors, limit=k, shards=shards):
+        for hits in self.index.search_batch(vectors, limit=k, shards=shards, where=where):
             for h in hits:
                 if h.item_id not in best or h.score > best[h.item_id].score:
                     best[h.item_id] = h
@@ -161,22 +208,26 @@ class Searcher:
         limit: int = 10,
         shards: Sequence[str] | None = None,
         classifier: dict[str, float] | None = None,
+        where: dict | None = None,
     ) -> tuple[CategoryOut | None, list[SearchHit]]:
         """Search with one or more views of one product; a candidate scores its best view.
-        ``classifier``: coarse category -> probability, fused with the neighbours' vote."""
+        ``classifier``: coarse category -> probability, fused with the neighbours' vote. ``where``:
+        payload matches applied inside the index (``restriction``)."""
         k = max(self.candidate_k, self.category_k, limit)
-        raw = self._search_max(vectors, k, shards)
+        raw = self._search_max(vectors, k, shards, where)
         pred = predict_category(raw, k=self.category_k, classifier=classifier, alpha=self.classifier_weight)
         searched = sorted({h.shard for h in raw}) if shards is None else list(shards)
+        routed = False
         if pred is not None and shards is None and pred.shard_confidence >= self.shard_min_confidence:
             in_shard = [h for h in raw if h.shard == pred.shard]
             if len(in_shard) < min(limit, self.candidate_k):
-                in_shard = self._search_max(vectors, self.candidate_k, [pred.shard])
+                in_shard = self._search_max(vectors, self.candidate_k, [pred.shard], where)
             raw = in_shard
             searched = [pred.shard]
+            routed = True
         if self.reranker is not None:
             raw = self.reranker.rerank(raw)
-        return _category_out(pred, searched), _collapse(raw, self.image_base_url)[:limit]
+        return _category_out(pred, searched, routed), _collapse(raw, self.image_base_url)[:limit]
 
 
 def _object_groups(regions, size: tuple[int, int]) -> list[list[int]]:
@@ -189,11 +240,12 @@ def _object_groups(regions, size: tuple[int, int]) -> list[list[int]]:
     return [[i] for i in range(len(boxes))]
 
 
-def _category_out(pred: CategoryPrediction | None, searched: list[str]) -> CategoryOut | None:
+def _category_out(pred: CategoryPrediction | None, searched: list[str], routed: bool) -> CategoryOut | None:
     if pred is None:
         return None
     return CategoryOut(
-        shard=pred.shard, category=pred.category, confidence=pred.confidence, searched_shards=searched
+        shard=pred.shard, category=pred.category, confidence=pred.confidence, searched_shards=searched,
+        routed=routed,
     )
 
 
@@ -225,6 +277,8 @@ def _collapse(hits: Sequence[IndexHit], base_url: str = "") -> list[SearchHit]:
             title=str(h.payload.get("title", "")),
             category_path=list(h.payload.get("category_path", [])),
             image=public_image(h.payload, base_url),
+            price=h.payload.get("price"),
+            shop=h.payload.get("shop"),
         )
         by_group[group] = hit
         # A twin's original may come later in the list: register under its own id as well.

@@ -18,5 +18,7 @@ class SearchSettings(BaseModel):
                                         "when its probability is at least this, else every shard")
     classifier_weight: float = Field(default=0.5, ge=0, le=1, description="weight of the model's classifier "
                                      "head against the neighbours' vote")
+    no_match_below: float = Field(default=0.0, ge=-1, le=1, description="a product whose best hit scores "
+                                  "below this is answered no_match (not in the catalog); 0: never")
     image_base_url: str = Field(default="", description="where the object store serves images: a hit shows "
                                 "<base>/<object key>; empty: the key alone (never a server path)")

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from contextlib import asynccontextmanager
+from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
@@ -28,15 +30,20 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from events.bus import EventProducer
 from events.hook import router as hook_router
+from index.base import IndexBackendError
 from index.generations import GenerationManager
 from index.remote import RemoteIndex
 from index.serving import ServingHolder
+from query import errors
 from query.access import API_KEY_HEADER, Access, access_from_settings, require
 from query.body import BodyTimeouts
 from query.http import DecodeSlots, get_searcher
 from query.http import router as query_router
+from query.metrics import REQUEST_SECONDS, REQUESTS
+from query.page import router as page_router
 from query.searcher import Searcher
 from tongkuan.config import ApiConfig, load
+from workers.fetch import ImageFetcher
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +68,9 @@ def create_app(*, config: ApiConfig | None = None, searcher: Searcher | None = N
         # an asyncio semaphore: made here, on the loop that serves
         a.state.decode_slots = DecodeSlots(cfg.api.decode_slots(), cfg.api.decode_queue_timeout_s)
         a.state.hook_settings = cfg.hook
+        a.state.url_fetcher = ImageFetcher.from_settings(cfg.fetch.model_copy(update={"local_refs": False}),
+                                                         cfg.image.max_bytes)
+        a.state.image_root = cfg.fetch.object_root if cfg.fetch.local_refs else None
         owned_producer = holder = None
         if a.state.event_producer is None:
             from events.kafka import make_producer
@@ -87,13 +97,36 @@ def create_app(*, config: ApiConfig | None = None, searcher: Searcher | None = N
         app.add_middleware(CORSMiddleware, allow_origins=cfg.api.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", API_KEY_HEADER, "Content-Type"],
                            expose_headers=["Retry-After"], max_age=600)
+    errors.install(app)
     app.include_router(hook_router)
     app.include_router(query_router)
+    app.include_router(page_router)
     admin = [Depends(require("admin"))]
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        name = getattr(route, "path", "unmatched")  # the template: ids do not make new series
+        REQUESTS.labels(name, str(response.status_code)).inc()
+        REQUEST_SECONDS.labels(name).observe(time.perf_counter() - t0)
+        return response
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
+        """The process is up (liveness)."""
         return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz(searcher: Annotated[Searcher, Depends(get_searcher)]) -> dict[str, object]:
+        """Search can be served: the model is loaded and the index answers (through its owner, for
+        an embedded index another process holds). 503 ``{error, reason, detail}`` otherwise."""
+        try:
+            items = searcher.index.count()
+        except IndexBackendError as e:
+            raise errors.api_error(503, "index_unavailable", str(e)) from e
+        return {"status": "ready", "model_id": searcher.embedder.model_id, "items": items}
 
     @app.get("/metrics", dependencies=admin, include_in_schema=False)
     def metrics() -> Response:

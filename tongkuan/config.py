@@ -152,6 +152,9 @@ class ApiConfig(_Root):
     index: IndexSettings = EdgeIndexSettings()
     search: SearchSettings = SearchSettings()
     kafka: KafkaSettings = KafkaSettings()
+    # Query image URLs are fetched with these limits (local refs never: a shopper names no server
+    # path); the object root, where local refs are on, is what the web page's /images serves.
+    fetch: FetchSettings = FetchSettings()
 
     @model_validator(mode="after")
     def _secret_fits_environment(self) -> ApiConfig:

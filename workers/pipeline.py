@@ -168,6 +168,8 @@ def item_payload(item: CatalogItem, *, md5: str, dhash: str, model_id: str, dupl
         "version": item.version,
         "title": item.title,
         "category_path": list(item.category_path),
+        # every prefix of the path, for the query side's category filter (query.searcher.restriction)
+        "category_prefixes": ["/".join(item.category_path[: n + 1]) for n in range(len(item.category_path))],
         "category": item.coarse_category,
         "image": item.image,
         "image_public": public_image,

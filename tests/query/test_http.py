@@ -81,7 +81,7 @@ def test_public_image(payload, base, shown):
 def test_bad_images_get_422_with_reason(client, payload, reason):
     r = client.post("/v1/search", content=payload)
     assert r.status_code == 422
-    assert r.json()["detail"]["reason"] == reason
+    assert r.json()["reason"] == reason and r.json()["error"] == "unprocessable"
 
 
 def test_oversized_upload_gets_413(client):
@@ -95,7 +95,7 @@ def test_similar_items_and_unknown_id(client):
     hits = r.json()
     assert len(hits) == 2 and all(h["item_id"] != "Apple/Pink-Lady" for h in hits)
     r = client.get("/v1/items/nope/similar")
-    assert r.status_code == 404 and "unknown item id" in r.text
+    assert r.status_code == 404 and r.json()["reason"] == "unknown_item"
 
 
 def test_metrics_and_health(client):
