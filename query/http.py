@@ -12,6 +12,9 @@ errors to ``{error, reason, detail}`` (``query.errors``).
   ``index_unavailable`` when the index (or its owning process) does not answer.
 * ``GET /v1/items/{item_id}`` — the indexed listing; ``GET /v1/items/{item_id}/similar?limit=`` —
   for recommenders, without the item and its near duplicates. 404 ``unknown_item``.
+* ``POST /v1/similar/bulk`` — a job over ids or a category (``query.jobs``), 202 with its id;
+  ``GET /v1/jobs/{id}`` its status, ``GET /v1/jobs/{id}/result`` the JSONL. 404 ``unknown_job``,
+  409 ``not_ready``, 503 ``queue_unavailable``.
 
 All need a key with the ``search`` scope (``query.access``: 401/403/429), checked before the body is
 read. ``app.state`` provides ``access``, ``body_timeouts``, ``decode_slots`` and ``url_fetcher``
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -29,6 +33,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse
 
 from events.fields import UnsupportedScheme, normalize_ref
 from index.base import IndexBackendError
@@ -36,6 +41,7 @@ from query.access import require
 from query.body import BodyTimeouts, read_body
 from query.errors import api_error
 from query.inputs import BadInput, parse_search
+from query.jobs import BulkSimilarRequest, JobClient, result_path
 from query.metrics import QUERIES, QUERY_ERRORS, REJECTED
 from query.models import MAX_LIMIT, MAX_OBJECTS, ErrorOut, ItemOut, SearchHit, SearchResponse
 from query.searcher import Searcher, UnknownItemError
@@ -92,6 +98,10 @@ def get_url_fetcher(request: Request) -> ImageFetcher:
     return _started(request, "url_fetcher")
 
 
+def get_jobs(request: Request) -> JobClient:
+    return _started(request, "jobs")
+
+
 def _started(request: Request, name: str):
     value = getattr(request.app.state, name, None)
     if value is None:  # set by the app's start-up (lifespan)
@@ -103,6 +113,7 @@ SearcherDep = Annotated[Searcher, Depends(get_searcher)]
 BodyTimeoutsDep = Annotated[BodyTimeouts, Depends(get_body_timeouts)]
 DecodeSlotsDep = Annotated[DecodeSlots, Depends(get_decode_slots)]
 FetcherDep = Annotated[ImageFetcher, Depends(get_url_fetcher)]
+JobsDep = Annotated[JobClient, Depends(get_jobs)]
 LimitQ = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
 # base64 makes a photo 4/3 larger; the JSON around it is small
 _JSON_OVERHEAD = 64 * 1024
@@ -184,3 +195,43 @@ def item(item_id: str, searcher: SearcherDep) -> ItemOut:
         raise api_error(404, "unknown_item", f"no indexed item {item_id!r}") from None
     except IndexBackendError as e:
         raise _index_down(e) from e
+
+
+# -- bulk similar items (query.jobs) ------------------------------------------------------------------
+_JOB_ID = re.compile(r"[0-9a-f]{32}")
+
+
+@router.post("/similar/bulk", status_code=202)
+def similar_bulk(req: BulkSimilarRequest, jobs: JobsDep) -> dict[str, str]:
+    """Similar items for a list of ids or a category, as a job writing JSONL (for recommenders)."""
+    QUERIES.labels("similar_bulk").inc()
+    try:
+        job_id = jobs.submit(req)
+    except Exception as e:  # noqa: BLE001 - Redis or the broker down: nothing was queued
+        raise api_error(503, "queue_unavailable", f"the job could not be queued: {type(e).__name__}: {e}",
+                        headers={"Retry-After": "5"}) from e
+    return {"job_id": job_id, "status": "queued", "status_url": f"/v1/jobs/{job_id}"}
+
+
+def _job(jobs: JobClient, job_id: str) -> dict:
+    status = jobs.status(job_id) if _JOB_ID.fullmatch(job_id) else None
+    if status is None:
+        raise api_error(404, "unknown_job", f"no job {job_id!r} (never submitted, or expired)")
+    return status
+
+
+@router.get("/jobs/{job_id}")
+def job_status(job_id: str, jobs: JobsDep) -> dict:
+    """``queued`` / ``running`` / ``done`` (with counts and the result's location) / ``failed``."""
+    return _job(jobs, job_id)
+
+
+@router.get("/jobs/{job_id}/result", response_class=FileResponse)
+def job_result(job_id: str, jobs: JobsDep) -> FileResponse:
+    status = _job(jobs, job_id)
+    if status["status"] != "done":
+        raise api_error(409, "not_ready", f"job {job_id} is {status['status']}")
+    path = result_path(jobs.dir, job_id)
+    if not path.is_file():
+        raise api_error(410, "result_gone", f"job {job_id}'s result is no longer on disk")
+    return FileResponse(path, media_type="application/x-ndjson", filename=f"similar-{job_id}.jsonl")

@@ -172,17 +172,8 @@ class Searcher:
                        indexed_at=p.get("indexed_at"))
 
     def similar_items(self, item_id: str, *, limit: int = 10) -> list[SearchHit]:
-        """Items visually similar to an indexed item (for recommenders): the item itself and its near
-        duplicates (the listings of its ``duplicate_of`` group) are left out."""
-        recs = self.index.retrieve([item_id], with_vectors=True)
-        if not recs or recs[0].vector is None:
-            raise UnknownItemError(item_id)
-        rec = recs[0]
-        group = str(rec.payload.get("duplicate_of") or item_id)
-        # Near duplicates come first and would eat the limit: ask for more, drop them, collapse the rest.
-        raw = self.index.search(rec.vector, limit=max(limit * 2, limit + 10), shards=[rec.shard])
-        hits = [h for h in raw if h.item_id not in (item_id, group) and h.payload.get("duplicate_of") != group]
-        return _collapse(hits, self.image_base_url)[:limit]
+        """Items visually similar to an indexed item (for recommenders): ``similar_to``."""
+        return similar_to(self.index, item_id, limit=limit, base_url=self.image_base_url)
 
     # -- the core -----------------------------------------------------------------------------
     def _search_max(self, vectors: np.ndarray, k: int, shards: Sequence[str] | None,
@@ -228,6 +219,20 @@ class Searcher:
         if self.reranker is not None:
             raw = self.reranker.rerank(raw)
         return _category_out(pred, searched, routed), _collapse(raw, self.image_base_url)[:limit]
+
+
+def similar_to(index: VectorIndex, item_id: str, *, limit: int = 10, base_url: str = "") -> list[SearchHit]:
+    """Items visually similar to ``item_id`` in its shard (category), best first: the item itself and
+    its near duplicates (the listings of its ``duplicate_of`` group) left out, the rest collapsed."""
+    recs = index.retrieve([item_id], with_vectors=True)
+    if not recs or recs[0].vector is None:
+        raise UnknownItemError(item_id)
+    rec = recs[0]
+    group = str(rec.payload.get("duplicate_of") or item_id)
+    # Near duplicates come first and would eat the limit: ask for more, drop them, collapse the rest.
+    raw = index.search(rec.vector, limit=max(limit * 2, limit + 10), shards=[rec.shard])
+    hits = [h for h in raw if h.item_id not in (item_id, group) and h.payload.get("duplicate_of") != group]
+    return _collapse(hits, base_url)[:limit]
 
 
 def _object_groups(regions, size: tuple[int, int]) -> list[list[int]]:

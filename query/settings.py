@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import BaseModel, ConfigDict, Field
 
+from index.settings import VAR_DIR
 from query.category import DEFAULT_K
 
 
@@ -22,3 +25,13 @@ class SearchSettings(BaseModel):
                                   "below this is answered no_match (not in the catalog); 0: never")
     image_base_url: str = Field(default="", description="where the object store serves images: a hit shows "
                                 "<base>/<object key>; empty: the key alone (never a server path)")
+
+
+class JobSettings(BaseModel):
+    """Bulk jobs (``query.jobs``; env ``TONGKUAN_JOBS__*``): the API submits them and serves their results."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dir: Path = Field(default=VAR_DIR / "jobs", description="where bulk jobs write their JSONL (the worker "
+                      "writes, the API serves: one machine or a shared volume)")
+    ttl_s: int = Field(default=7 * 24 * 3600, ge=60, description="how long a job's record is kept")

@@ -39,6 +39,7 @@ from query.access import API_KEY_HEADER, Access, access_from_settings, require
 from query.body import BodyTimeouts
 from query.http import DecodeSlots, get_searcher
 from query.http import router as query_router
+from query.jobs import JobClient, JobStore
 from query.metrics import REQUEST_SECONDS, REQUESTS
 from query.page import router as page_router
 from query.searcher import Searcher
@@ -49,10 +50,11 @@ log = logging.getLogger(__name__)
 
 
 def create_app(*, config: ApiConfig | None = None, searcher: Searcher | None = None,
-               producer: EventProducer | None = None, access: Access | None = None) -> FastAPI:
-    """``config``: read from the environment when not given. ``searcher`` / ``producer`` / ``access``:
-    use these instead of opening the index / connecting to Kafka / reading the keys file (tests,
-    in-process use)."""
+               producer: EventProducer | None = None, access: Access | None = None,
+               jobs: JobClient | None = None) -> FastAPI:
+    """``config``: read from the environment when not given. ``searcher`` / ``producer`` / ``access`` /
+    ``jobs``: use these instead of opening the index / connecting to Kafka / reading the keys file /
+    the Celery app (tests, in-process use)."""
     cfg = config or load(ApiConfig)
 
     @asynccontextmanager
@@ -71,6 +73,8 @@ def create_app(*, config: ApiConfig | None = None, searcher: Searcher | None = N
         a.state.url_fetcher = ImageFetcher.from_settings(cfg.fetch.model_copy(update={"local_refs": False}),
                                                          cfg.image.max_bytes)
         a.state.image_root = cfg.fetch.object_root if cfg.fetch.local_refs else None
+        if a.state.jobs is None:
+            a.state.jobs = job_client(cfg)
         owned_producer = holder = None
         if a.state.event_producer is None:
             from events.kafka import make_producer
@@ -93,6 +97,7 @@ def create_app(*, config: ApiConfig | None = None, searcher: Searcher | None = N
     app = FastAPI(title="tongkuan", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.searcher = searcher
     app.state.event_producer = producer
+    app.state.jobs = jobs
     if cfg.api.cors_origins:  # none: no CORS headers at all, so browsers refuse every cross-origin call
         app.add_middleware(CORSMiddleware, allow_origins=cfg.api.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", API_KEY_HEADER, "Content-Type"],
@@ -183,6 +188,18 @@ def open_serving(cfg: ApiConfig) -> ServingHolder:
     except Exception:
         mgr.close()
         raise
+
+
+def job_client(cfg: ApiConfig) -> JobClient:
+    """Bulk jobs go to the workers' queue by name; their ids are kept in Redis (no connection yet)."""
+    import redis
+
+    from workers.celery_app import celery_config
+    from workers.celery_app import create_app as celery_app
+
+    return JobClient(celery_app(celery_config(cfg.celery), tasks=False),
+                     JobStore(redis.Redis.from_url(cfg.celery.broker_url, socket_timeout=2, socket_connect_timeout=2),
+                              cfg.jobs.ttl_s), cfg.jobs.dir)
 
 
 def _generation_searcher(holder: ServingHolder, cfg: ApiConfig):

@@ -23,7 +23,9 @@ from workers.settings import CelerySettings, WorkerSettings
 
 APPLY_EVENTS_TASK = "tongkuan.apply_catalog_events"
 REEMBED_TASK = "tongkuan.reembed_batch"
-TASK_MODULES = ["workers.tasks"]
+SIMILAR_BULK_TASK = "tongkuan.similar_bulk"
+# query.jobs: the bulk similar-items job runs where the index is (the embedded index's owner).
+TASK_MODULES = ["workers.tasks", "query.jobs"]
 
 
 def celery_config(celery: CelerySettings, worker: WorkerSettings | None = None) -> dict[str, Any]:
@@ -34,7 +36,7 @@ def celery_config(celery: CelerySettings, worker: WorkerSettings | None = None) 
         result_serializer="json",
         accept_content=["json"],
         task_default_queue=celery.queue,
-        task_routes={APPLY_EVENTS_TASK: {"queue": celery.queue}, REEMBED_TASK: {"queue": celery.queue}},
+        task_routes={name: {"queue": celery.queue} for name in (APPLY_EVENTS_TASK, REEMBED_TASK, SIMILAR_BULK_TASK)},
         # Ack after the task ends, and give the message back if the worker process dies mid-task.
         # Cost: a task may run twice (worker killed after its writes, before its ack), so tasks must
         # be idempotent. They are: point ids derive from item ids, writes are version-guarded
@@ -72,4 +74,4 @@ def create_app(config: dict[str, Any] | Callable[[], dict[str, Any]], *, tasks: 
     return app
 
 
-__all__ = ["APPLY_EVENTS_TASK", "REEMBED_TASK", "celery_config", "create_app"]
+__all__ = ["APPLY_EVENTS_TASK", "REEMBED_TASK", "SIMILAR_BULK_TASK", "celery_config", "create_app"]
