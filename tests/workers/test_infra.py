@@ -186,7 +186,8 @@ def test_dashboard_covers_what_operators_watch():
     for needle in ("tongkuan_query_stage_seconds", "tongkuan_ingest_event_to_searchable_seconds_bucket",
                    "tongkuan_dispatcher_lag_records", "tongkuan_celery_queue_depth", "tongkuan_dlq_events_total",
                    "tongkuan_ingest_batch_events_bucket", "tongkuan_ingest_stage_seconds_bucket",
-                   "tongkuan_hook_requests_total"):
+                   "tongkuan_hook_requests_total", "tongkuan_api_requests_total", "tongkuan_api_request_seconds_bucket",
+                   "tongkuan_query_no_match_total", "tongkuan_query_errors_total"):
         assert needle in exprs, needle
     prov = load_yaml(INFRA / "grafana" / "provisioning" / "dashboards" / "tongkuan.yml")
     grafana = load_yaml(INFRA / "docker-compose.yml")["services"]["grafana"]
