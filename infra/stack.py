@@ -128,6 +128,9 @@ def services(a: argparse.Namespace, bootstrap: str, hook_secret: str) -> list[Se
         "TONGKUAN_KAFKA__BOOTSTRAP_SERVERS": bootstrap,
         "TONGKUAN_CELERY__BROKER_URL": a.broker_url,
         "TONGKUAN_INDEX__BACKEND": "edge",
+        # Object keys in events resolve here (the worker fetches them, the API's page serves them).
+        "TONGKUAN_FETCH__OBJECT_ROOT": str(a.object_root),
+        "TONGKUAN_SEARCH__IMAGE_BASE_URL": "/images",
     }
     return [
         Service("worker",
@@ -193,6 +196,7 @@ def tansu(action: str, state: Path) -> int:
 
 def cmd_start(a: argparse.Namespace) -> int:
     a.state.mkdir(parents=True, exist_ok=True)
+    a.object_root.mkdir(parents=True, exist_ok=True)
     if not redis_ok(a.broker_url):
         print(f"Redis not reachable at {a.broker_url}: start it first", file=sys.stderr)
         return 1
@@ -206,7 +210,8 @@ def cmd_start(a: argparse.Namespace) -> int:
         print(f"start failed: {e}; stopping what started", file=sys.stderr)
         cmd_stop(a)
         return 1
-    print(f"stack up: kafka {bootstrap}, hook http://127.0.0.1:{a.api_port}/v1/hooks/catalog")
+    print(f"stack up: kafka {bootstrap}, hook http://127.0.0.1:{a.api_port}/v1/hooks/catalog, search page "
+          f"http://127.0.0.1:{a.api_port}/ (object keys resolve under {a.object_root})")
     return 0
 
 
@@ -242,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worker-metrics-port", type=int, default=9102)
     ap.add_argument("--dispatcher-metrics-port", type=int, default=9103)
     ap.add_argument("--features-metrics-port", type=int, default=9104)
+    ap.add_argument("--object-root", type=Path, default=STATE_DIR / "objects",
+                    help="where events' object keys resolve (catalog images to upload)")
     ap.add_argument("--index-read-port", type=int, default=9110, help="the worker's index read service")
     ap.add_argument("--worker-pool", choices=("threads", "solo"), default="threads")
     ap.add_argument("--worker-concurrency", type=int, default=2, help="tasks at once (threads pool)")
