@@ -9,7 +9,9 @@ Everything that decides what a vector means (pooling, input size, scales, crop p
 model's registry entry, so ``model_id`` (stored with every indexed vector) pins it. Query regions:
 the main region first, then (when the main one is a crop) the full image, then other candidates.
 Scoring a product by the max similarity over the query's vectors is what ``offline.tune`` measured as
-``query=full+crop``.
+``query=full+crop``. With ``multi_object=True`` (a search for several products) the regions are one
+per product (``Localizer.localize_products``): the main product first with the full photo as its
+second view, then the other products, whatever the entry's crop policy.
 """
 
 from __future__ import annotations
@@ -198,12 +200,21 @@ class VisionPipeline:
             total = v if total is None else total + v
         return l2_normalize(total)
 
-    def embed_query(self, image: Image.Image, *, max_regions: int = 3) -> QueryEmbedding:
+    def embed_query(self, image: Image.Image, *, max_regions: int = 3, multi_object: bool = False) -> QueryEmbedding:
         """A shopper's photo -> one vector per region (at most ``max_regions``), main region first.
 
+        One product (``multi_object=False``): the main region, then the full image when the main
+        one is a crop (the entry's crop policy decides), then other candidates. Several products
+        (``multi_object=True``, a search for more than one object): one region per product from
+        ``localize_products``, the main product first and the full photo second as its other view,
+        then the other products — for every crop policy: a photo of several products is no view of
+        any one of them (val 2x2 mosaics: per-product R@1 0.24 -> 0.73, while single photos keep
+        their main-product R@1; docs/query-calibration.md).
+
         With SCDA (the default localizer) the full image is embedded at every scale during
-        localization (reused as the full-image vector), and the main region is found per scale as
-        in ``embed_catalog``; ``regions[0].box`` is the one found at the first scale."""
+        localization (reused as the full-image vector), and for one product the main region is
+        found per scale as in ``embed_catalog``; ``regions[0].box`` is the one found at the first
+        scale. Product regions come from the first scale's feature map."""
         if max_regions < 1:
             raise ValueError("max_regions must be >= 1")
         self.stage_timer.reset_last()
@@ -212,22 +223,30 @@ class VisionPipeline:
         full_vec = None
         per_scale_main: list[Region] | None = None
         with self.stage_timer.stage("localize"):
-            if self.entry.crop.query == "none" and max_regions == 1:
+            if self.entry.crop.query == "none" and max_regions == 1 and not multi_object:
                 candidates = [full]
             elif self.localizer is self._saliency:
                 acc = np.zeros(self.dim, np.float32)
                 per_scale = []
+                first_map = None
                 for size in sizes:
                     f, e = self.embedder.run(preprocess([image], self.preprocessing.with_size(size)))
-                    per_scale.append(self._saliency.from_features(f[0], image.size))
+                    first_map = f[0] if first_map is None else first_map
+                    if not multi_object:
+                        per_scale.append(self._saliency.from_features(f[0], image.size))
                     acc += e[0]
                 full_vec = l2_normalize(acc)
-                candidates = per_scale[0]
-                per_scale_main = [next((r for r in c if r.box != full.box), None) for c in per_scale]
+                if multi_object:
+                    candidates = self._saliency.products_from_features(first_map, image.size)
+                else:
+                    candidates = per_scale[0]
+                    per_scale_main = [next((r for r in c if r.box != full.box), None) for c in per_scale]
+            elif multi_object:
+                candidates = self.localizer.localize_products(image)
             else:
                 candidates = self.localizer.localize(image)
         others = [r for r in candidates if r.box != full.box]
-        if self.entry.crop.query == "none" or not others:
+        if not others or (self.entry.crop.query == "none" and not multi_object):
             regions = [full, *others]
         else:
             regions = [others[0], full, *others[1:]]

@@ -116,7 +116,8 @@ def test_a_category_covers_every_item_under_it(stack):
     assert {row["item_id"] for row in rows} == apples and len(apples) >= 4
     assert all(len(row["similar"]) == 2 and row["item_id"] not in [h["item_id"] for h in row["similar"]] for row in rows)
     job_id = client.post("/v1/similar/bulk", json={"category": "Apple/Pink-Lady"}).json()["job_id"]
-    assert [row["item_id"] for row in lines(client, job_id) if wait_done(client, job_id)] == ["Apple/Pink-Lady"]
+    assert wait_done(client, job_id)["status"] == "done"
+    assert [row["item_id"] for row in lines(client, job_id)] == ["Apple/Pink-Lady"]
 
 
 @pytest.mark.parametrize("body", [{}, {"item_ids": ["a"], "category": "Apple"}, {"item_ids": []},

@@ -159,7 +159,7 @@ def test_no_match_below_the_threshold(client, app_and_key):
         body = client.post("/v1/search", content=photo.read_bytes()).json()
         assert body["objects"][0]["no_match"] is True and body["objects"][0]["hits"]  # the closest, flagged
     finally:
-        searcher.no_match_below = 0.0
+        searcher.no_match_below = None
     assert client.post("/v1/search", content=photo.read_bytes()).json()["objects"][0]["no_match"] is False
 
 
@@ -243,3 +243,25 @@ def test_every_query_route_needs_a_key(app_and_key):
                 r = getattr(anonymous, method)(path, headers=headers)
                 assert r.status_code == 401 and r.json()["error"] == "unauthorized", (path, r.text)
         assert json.loads(anonymous.get("/healthz").text) == {"status": "ok"}
+
+
+def test_a_photo_of_four_products_is_searched_region_by_region(client):
+    """A 2x2 mosaic of four catalog pictures, objects=4: one region per product, main one first, and
+    the products' own listings among the regions' top hits (docs/query-calibration.md measures it
+    on val shop photos)."""
+    import io
+
+    names = ["Apple/Pink-Lady/Pink-Lady_Iconic.jpg", "Banana/Banana_Iconic.jpg", "Kiwi/Kiwi_Iconic.jpg",
+             "Lemon/Lemon_Iconic.jpg"]
+    cell = 256
+    mosaic = Image.new("RGB", (2 * cell, 2 * cell), "white")
+    for i, n in enumerate(names):
+        with Image.open(FRUIT / n) as im:
+            mosaic.paste(im.convert("RGB").resize((cell, cell)), ((i % 2) * cell, (i // 2) * cell))
+    buf = io.BytesIO()
+    mosaic.save(buf, "JPEG", quality=90)
+    body = client.post("/v1/search?objects=4&limit=3", content=buf.getvalue()).json()
+    assert 3 <= len(body["objects"]) <= 4, [o["box"] for o in body["objects"]]
+    found = {h["item_id"] for obj in body["objects"] for h in obj["hits"][:1]}
+    wanted = {n.rsplit("/", 1)[0] for n in names}
+    assert len(found & wanted) >= 3, (found, wanted)
