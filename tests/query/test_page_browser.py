@@ -127,11 +127,11 @@ def fake_api(image_root: Path) -> tuple[FastAPI, list[dict]]:
 class Served:
     """uvicorn on 127.0.0.1 and a free port, in a background thread."""
 
-    def __init__(self, app: FastAPI):
+    def __init__(self, app: FastAPI, lifespan: str = "off"):
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan=lifespan))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> Served:
@@ -373,3 +373,39 @@ def test_images_are_served_from_the_object_root_only(image_client, tmp_path):
     app.state.image_root = None
     assert c.get("/images/shop/a.jpg").status_code == 404
 
+
+
+def test_page_on_the_real_api_finds_the_product_and_shows_its_catalog_image(browser, pipeline, tmp_path):
+    """The page against the real app (real model, embedded index of the Fruit catalog, images served
+    from the object root at /images): the uploaded catalog picture's own listing comes first."""
+    from events.bus import InMemoryBus
+    from events.hook import HookSettings
+    from index.edge import EdgeIndex
+    from query.searcher import Searcher
+    from tongkuan.api import create_app
+    from tongkuan.config import ApiConfig
+    from workers.catalog import read_catalog
+    from workers.fetch import FetchSettings, ImageFetcher
+    from workers.pipeline import ingest_stream
+
+    fruit = grocery_root() / "dataset" / "iconic-images-and-descriptions" / "Fruit"
+    index = EdgeIndex(tmp_path / "idx", pipeline.dim, model_id=pipeline.model_id)
+    ingest_stream(read_catalog(fruit), index=index, embedder=pipeline,
+                  fetcher=ImageFetcher(object_root=fruit, local_refs=True))
+    app = create_app(searcher=Searcher(index, pipeline, image_base_url="/images"), producer=InMemoryBus().producer(),
+                     config=ApiConfig(environment="development", hook=HookSettings(secret="x" * 40),
+                                      fetch=FetchSettings(object_root=fruit, local_refs=True)))
+    try:
+        with Served(app, lifespan="on") as srv:
+            browser.get(srv.url + "/")
+            browser.execute_script("localStorage.removeItem('tongkuan.apiKey')")
+            browser.find_element("id", "file").send_keys(str(fruit / "Apple/Pink-Lady/Pink-Lady_Iconic.jpg"))
+            wait_for(browser, lambda d: len(css(d, ".region .card")) >= 3, "result cards from the real API")
+            first = css(browser, ".region")[0]
+            titles = [e.text for e in first.find_elements("css selector", ".card .title")]
+            assert titles and "Pink Lady" in titles[0], titles
+            wait_for(browser, lambda d: images_loaded(d, ".region .card img"), "catalog images through /images")
+            assert severe(browser.get_log("browser")) == []
+            screenshot(browser, REPORTS / "page-search-real.png")
+    finally:
+        index.close()
