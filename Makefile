@@ -12,11 +12,12 @@ export HF_HUB_OFFLINE := 1
 export PYTHONDONTWRITEBYTECODE := 1
 
 .DEFAULT_GOAL := help
-.PHONY: help venv model demo test test-all serving-install eval train bench-embed bench-ingest drill up down \
-	config lint clean
+.PHONY: help venv model demo test test-all serving-install eval train bench-embed bench-ingest \
+	bench-query-search drill up down \
+	config lint clean browser
 
 help: ## list the targets
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-16s %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-20s %s\n", $$1, $$2}'
 
 # The development venv: every pinned dependency of the serving install and of its extras
 # (train, bench, dev: torch 2.13.0 CPU, matplotlib, scikit-learn, pytest, ...).
@@ -31,14 +32,15 @@ venv: $(STAMP) ## create .venv with the pinned dependencies and every extra (tor
 
 model: $(STAMP) ## export the ImageNet EfficientNet-Lite0 to ONNX (cached, checksummed); verify shipped models
 	$(PY) -m offline model
+	$(PY) -m offline text-model
 
 demo: model ## ingest the grocery catalog into a fresh embedded index, search val photos, apply events, print metrics
 	$(PY) -m offline demo $(DATA_ARG)
 
-test: model ## the fast, complete test suite (CPU, local services, < 10 min)
+test: model browser ## the fast, complete test suite (CPU, local services, < 10 min)
 	$(PY) -m pytest -q -m "not slow"
 
-test-all: model ## every test, slow ones included
+test-all: model browser ## every test, slow ones included
 	$(PY) -m pytest -q
 
 serving-install: ## `pip install .` into an empty venv: the API and the worker import without torch
@@ -63,6 +65,9 @@ bench-embed: model ## images/s torch vs ONNX Runtime, per-stage query latency ->
 bench-ingest: model ## event published -> searchable items/s vs the embedding ceiling; latency at half rate (BENCH_ARGS="--data DIR --split train": real photos)
 	$(PY) -m offline bench-ingest $(BENCH_ARGS)
 
+bench-query-search: model ## search only at 81/100k/1M items: Qdrant Edge float/int8/binary vs numpy, faiss, hnswlib -> reports/bench-query-search.json (BENCH_ARGS="--sizes 81,10000": quick)
+	$(PY) -m offline bench-query-search $(DATA_ARG) --split $(SPLIT) $(BENCH_ARGS)
+
 drill: model ## reliability drill on the real broker/Redis/workers -> reports/drill.json
 	$(PY) -m offline drill
 
@@ -71,6 +76,18 @@ up: model ## start the local stack (Tansu broker, Celery worker, dispatcher, fea
 
 down: ## stop the local stack
 	$(PY) -m infra.stack stop
+
+# Headless Chromium and its driver for the web page's browser test (tests/query/test_page_browser.py),
+# and a small CJK font (5 MB) so the page's 同款 renders in its screenshots; Debian packages,
+# installed only when missing (needs root; no browser is downloaded from anywhere else).
+browser: ## install Debian chromium + chromium-driver (+ a CJK font) for the page's browser test, when missing
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ] || ! fc-list :lang=zh 2>/dev/null | grep -q .; then \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+			chromium chromium-driver fonts-wqy-microhei; \
+	fi
+	@/usr/bin/chromium --version && /usr/bin/chromedriver --version
 
 config: $(STAMP) ## print the configuration reference (every TONGKUAN_* setting)
 	@$(PY) -m tongkuan.config

@@ -104,21 +104,24 @@ def release_client(settings: QdrantIndexSettings) -> None:
 
 # --- the backends ------------------------------------------------------------------------------------
 
+def _search_options(settings: IndexSettings) -> dict[str, Any]:
+    """HNSW and quantization options, named alike by both backends."""
+    return dict(hnsw_m=settings.hnsw_m, hnsw_ef_construct=settings.hnsw_ef_construct, hnsw_ef=settings.hnsw_ef,
+                quantization=None if settings.quantization == "none" else settings.quantization,
+                rescore=settings.quantization_rescore, oversampling=settings.quantization_oversampling)
+
+
 def _open_edge(settings: EdgeIndexSettings, dim: int, model_id: str) -> VectorIndex:
     from index.edge import EdgeIndex
 
-    return EdgeIndex(generation_dir(settings, model_id), dim, model_id=model_id, hnsw_m=settings.hnsw_m,
-                     hnsw_ef_construct=settings.hnsw_ef_construct, hnsw_ef=settings.hnsw_ef,
-                     quantization=None if settings.quantization == "none" else settings.quantization,
+    return EdgeIndex(generation_dir(settings, model_id), dim, model_id=model_id, **_search_options(settings),
                      max_shards=settings.max_shards)
 
 
 def _open_qdrant(settings: QdrantIndexSettings, dim: int, model_id: str) -> VectorIndex:
     from index.qdrant import QdrantIndex
 
-    options: dict[str, Any] = dict(hnsw_m=settings.hnsw_m, hnsw_ef_construct=settings.hnsw_ef_construct,
-                                   hnsw_ef=settings.hnsw_ef, max_shards=settings.max_shards,
-                                   quantization=None if settings.quantization == "none" else settings.quantization)
+    options: dict[str, Any] = dict(**_search_options(settings), max_shards=settings.max_shards)
     if settings.url != ":memory:":
         options.update(replication_factor=settings.replication_factor,
                        write_consistency_factor=settings.write_consistency_factor,

@@ -46,6 +46,7 @@ from index.base import (
 )
 from index.guarded import GuardedIndex, PutPoint, StoredPoint, Where
 from index.placement import DEFAULT_MAX_SHARDS, ShardPlacement
+from index.settings import DEFAULT_OVERSAMPLING
 
 
 def is_local_client(client: QdrantClient) -> bool:
@@ -71,8 +72,9 @@ class QdrantIndex(GuardedIndex):
 
     ``replication_factor``/``write_consistency_factor`` apply to a new collection (and to each new
     shard key); ``shards_per_key`` is the Qdrant shard count per shard key. ``max_shards``: most
-    shard keys (None: no cap; see the module doc). ``quantization``:
-    ``"int8"`` (scalar) or ``"binary"``, searched with ``rescore``/``oversampling``.
+    shard keys (None: no cap; see the module doc). ``quantization``: ``"int8"`` (scalar) or
+    ``"binary"`` (1 bit, 8-bit queries), configured and searched as ``index.edge.edge_config``/
+    ``search_params`` do (``oversampling`` None: ``DEFAULT_OVERSAMPLING``).
     ``on_close``: called once when the index closes (the factory releases its shared client).
     """
 
@@ -91,7 +93,7 @@ class QdrantIndex(GuardedIndex):
         hnsw_ef: int = 128,
         quantization: Literal["int8", "binary"] | None = None,
         rescore: bool = True,
-        oversampling: float = 2.0,
+        oversampling: float | None = None,
         on_disk: bool = False,
         on_close: Callable[[], None] | None = None,
         max_shards: int | None = DEFAULT_MAX_SHARDS,
@@ -119,7 +121,9 @@ class QdrantIndex(GuardedIndex):
         self._search_params = qm.SearchParams(
             hnsw_ef=hnsw_ef,
             quantization=(
-                qm.QuantizationSearchParams(rescore=rescore, oversampling=oversampling)
+                qm.QuantizationSearchParams(
+                    rescore=rescore, oversampling=oversampling or DEFAULT_OVERSAMPLING[quantization]
+                )
                 if quantization
                 else None
             ),
@@ -130,7 +134,10 @@ class QdrantIndex(GuardedIndex):
                 scalar=qm.ScalarQuantizationConfig(type=qm.ScalarType.INT8, quantile=0.99, always_ram=True)
             )
         elif quantization == "binary":
-            quant_config = qm.BinaryQuantization(binary=qm.BinaryQuantizationConfig(always_ram=True))
+            quant_config = qm.BinaryQuantization(binary=qm.BinaryQuantizationConfig(  # as index.edge
+                always_ram=True, encoding=qm.BinaryQuantizationEncoding.ONE_BIT,
+                query_encoding=qm.BinaryQuantizationQueryEncoding.SCALAR8BITS,
+            ))
         try:
             self._ensure_collection(
                 qm.VectorParams(size=dim, distance=qm.Distance.COSINE, on_disk=on_disk),

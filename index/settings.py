@@ -11,6 +11,11 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, SecretStr, Tag
 from index.placement import DEFAULT_MAX_SHARDS
 
 VAR_DIR = Path(__file__).resolve().parent.parent / "var"
+# Candidates rescored per result wanted when the caller names no oversampling. Measured on the
+# model's 512-d embeddings at 100k items, HNSW M=16/ef 128 (offline.bench.query_engines): int8
+# reaches the float graph's recall@10 (0.97) at 2; binary (1 bit, 8-bit queries) needs 8 for 0.95
+# (0.74 at 2, 0.88 at 4).
+DEFAULT_OVERSAMPLING: dict[str, float] = {"int8": 2.0, "binary": 8.0}
 
 
 class _Hnsw(BaseModel):
@@ -21,7 +26,20 @@ class _Hnsw(BaseModel):
     hnsw_ef: int = Field(default=128, ge=8, description="HNSW search beam width")
 
 
-class _Sharding(_Hnsw):
+class _Quantized(_Hnsw):
+    quantization: Literal["none", "int8", "binary"] = Field(default="none", description="quantized copies "
+                                                            "for search (int8: a byte per dimension; binary: "
+                                                            "a bit, queries at 8 bits), rescored with the "
+                                                            "float vectors")
+    quantization_rescore: bool = Field(default=True, description="rescore the quantized candidates with "
+                                       "the float vectors (off: quantized scores are returned)")
+    # Why per quantization: DEFAULT_OVERSAMPLING.
+    quantization_oversampling: float | None = Field(default=None, ge=1.0, description="candidates rescored "
+                                                    "per result wanted (limit x this), with quantization; "
+                                                    "none: 2 for int8, 8 for binary")
+
+
+class _Sharding(_Quantized):
     # Why 32: index/placement.py (DEFAULT_MAX_SHARDS).
     max_shards: int = Field(default=DEFAULT_MAX_SHARDS, ge=1, description="most physical shards per generation "
                             "(Edge shard directories, Qdrant shard keys): categories past it share one overflow "
@@ -34,8 +52,6 @@ class EdgeIndexSettings(_Sharding):
 
     backend: Literal["edge"] = Field(default="edge", description="which index: edge (embedded) or qdrant (a server)")
     dir: Path = Field(default=VAR_DIR / "index", description="where the generations' shard directories live")
-    quantization: Literal["none", "int8"] = Field(default="none", description="int8 copies for search, "
-                                                  "rescored with the float vectors")
 
 
 class QdrantIndexSettings(_Sharding):
@@ -50,8 +66,6 @@ class QdrantIndexSettings(_Sharding):
     replication_factor: int = Field(default=2, ge=1, description="copies of every shard")
     write_consistency_factor: int = Field(default=1, ge=1, description="replicas that must acknowledge a write")
     shards_per_key: int = Field(default=1, ge=1, description="shards per shard key (top-level category)")
-    quantization: Literal["none", "int8", "binary"] = Field(default="none", description="quantized copies "
-                                                            "for search, rescored with the float vectors")
 
 
 def _backend(value: Any) -> str:
