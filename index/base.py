@@ -20,9 +20,11 @@ Design rules (shared by all implementations, checked by the same tests over each
   them); a delete of an id the index has never seen is kept in the reserved shard
   ``TOMBSTONE_SHARD``, which ``shards()`` does not list and callers may not write to (nor to
   ``OVERFLOW_SHARD``, the physical name of the shared shard).
-* ``where`` filters match payload values exactly: ``str`` or ``int`` (a list = any of). ``bool``
-  and ``float`` values are refused (``IndexBackendError``): Qdrant Edge 0.9 converts a Python
-  ``bool`` match value to ``int`` and silently matches nothing, and Qdrant has no float match.
+* ``where`` filters match payload values exactly: ``str`` or ``int`` (a list = any of), or a
+  ``Range`` of numbers (``gte``/``lte``, either open; a point without the key does not match).
+  ``bool`` and ``float`` match values are refused (``IndexBackendError``): Qdrant Edge 0.9 converts
+  a Python ``bool`` match value to ``int`` and silently matches nothing, and Qdrant has no float
+  match (a float belongs in a ``Range``).
 """
 
 from __future__ import annotations
@@ -53,6 +55,14 @@ OVERFLOW_SHARD = "__overflow__"
 def point_id_for(item_id: str) -> str:
     """Deterministic point id (UUID string) for an item id."""
     return str(uuid.uuid5(_NAMESPACE, item_id))
+
+
+@dataclass(frozen=True)
+class Range:
+    """A ``where`` value: ``gte <= payload[key] <= lte`` (None: open on that side)."""
+
+    gte: float | None = None
+    lte: float | None = None
 
 
 @dataclass(frozen=True)

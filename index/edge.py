@@ -38,7 +38,15 @@ from typing import Any, Literal
 import numpy as np
 import qdrant_edge as qe
 
-from index.base import OVERFLOW_SHARD, SHARD_KEY, TOMBSTONE_SHARD, VECTOR_NAME, IndexBackendError, SearchHit
+from index.base import (
+    OVERFLOW_SHARD,
+    SHARD_KEY,
+    TOMBSTONE_SHARD,
+    VECTOR_NAME,
+    IndexBackendError,
+    Range,
+    SearchHit,
+)
 from index.guarded import GuardedIndex, PutPoint, StoredPoint, Where
 from index.placement import DEFAULT_MAX_SHARDS, ShardPlacement
 from index.settings import DEFAULT_OVERSAMPLING
@@ -118,6 +126,9 @@ def _conditions(where: Where, keys: list[str] | None = None) -> list[Any]:
     shared shard; None = no such filter)."""
     must: list[Any] = []
     for key, value in where.items():
+        if isinstance(value, Range):
+            must.append(qe.FieldCondition(key=key, range=qe.RangeFloat(gte=value.gte, lte=value.lte)))
+            continue
         match = qe.MatchAny(value) if isinstance(value, list) else qe.MatchValue(value)
         must.append(qe.FieldCondition(key=key, match=match))
     if keys is not None:

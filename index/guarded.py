@@ -36,6 +36,7 @@ from index.base import (
     IndexBackendError,
     IndexPoint,
     IndexRecord,
+    Range,
     SearchHit,
     VectorIndex,
     WriteResult,
@@ -151,6 +152,14 @@ class GuardedIndex(VectorIndex):
     def _where(where: Mapping[str, Any] | None) -> Where:
         out: Where = {}
         for key, value in (where or {}).items():
+            if isinstance(value, Range):
+                if value.gte is None and value.lte is None:
+                    raise IndexBackendError(f"where[{key!r}]: a range needs gte or lte")
+                if any(b is not None and (isinstance(b, bool) or not isinstance(b, int | float) or b != b)
+                       for b in (value.gte, value.lte)):
+                    raise IndexBackendError(f"where[{key!r}]: range bounds must be numbers, got {value!r}")
+                out[key] = value
+                continue
             values = list(value) if isinstance(value, list | tuple | set | frozenset) else [value]
             if not values:
                 raise IndexBackendError(f"where[{key!r}]: empty list matches nothing")

@@ -42,6 +42,7 @@ from index.base import (
     TOMBSTONE_SHARD,
     VECTOR_NAME,
     IndexBackendError,
+    Range,
     SearchHit,
 )
 from index.guarded import GuardedIndex, PutPoint, StoredPoint, Where
@@ -60,6 +61,9 @@ def _conditions(where: Where, keys: list[str] | None = None) -> list[qm.Conditio
     """``where`` as Qdrant conditions, plus ``shard`` in ``keys`` (None = no such filter)."""
     out: list[qm.Condition] = []
     for key, value in where.items():
+        if isinstance(value, Range):
+            out.append(qm.FieldCondition(key=key, range=qm.Range(gte=value.gte, lte=value.lte)))
+            continue
         match = qm.MatchAny(any=value) if isinstance(value, list) else qm.MatchValue(value=value)
         out.append(qm.FieldCondition(key=key, match=match))
     if keys is not None:

@@ -34,7 +34,8 @@ from typing import Any
 import httpx
 import numpy as np
 
-from index.base import IndexBackendError, IndexRecord, SearchHit, VectorIndex, WriteResult
+from index.base import IndexBackendError, IndexRecord, Range, SearchHit, VectorIndex, WriteResult
+from index.guarded import GuardedIndex  # the where rules, checked before a request is sent
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,29 @@ def decode_vectors(text: str, dim: int) -> np.ndarray:
     if len(raw) % (4 * dim):
         raise ValueError(f"vector bytes ({len(raw)}) are not a whole number of {dim}-d float32 vectors")
     return np.frombuffer(raw, dtype="<f4").reshape(-1, dim)
+
+
+def where_to_json(where: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """``where`` on the wire: a ``Range`` as ``{"range": {"gte", "lte"}}``, other values as they are."""
+    if where is None:
+        return None
+    return {k: {"range": {"gte": v.gte, "lte": v.lte}} if isinstance(v, Range) else v for k, v in where.items()}
+
+
+def where_from_json(where: Any) -> dict[str, Any] | None:
+    if where is None:
+        return None
+    if not isinstance(where, dict):
+        raise ValueError("where must be an object")
+    out = {}
+    for k, v in where.items():
+        if isinstance(v, dict):
+            if set(v) != {"range"} or not isinstance(v["range"], dict) or not set(v["range"]) <= {"gte", "lte"}:
+                raise ValueError(f"where[{k!r}]: an object value must be {{'range': {{'gte', 'lte'}}}}")
+            out[k] = Range(gte=v["range"].get("gte"), lte=v["range"].get("lte"))
+        else:
+            out[k] = v
+    return out
 
 
 def _hit_json(h: SearchHit) -> dict[str, Any]:
@@ -181,7 +205,7 @@ class IndexReadService:
             limit = int(req.get("limit", 10))
             if not 0 <= limit <= 10_000:
                 raise ValueError(f"limit {limit} outside 0..10000")
-            shards, where = req.get("shards"), req.get("where")
+            shards, where = req.get("shards"), where_from_json(req.get("where"))
             results = index.search_batch(vectors, limit=limit, shards=shards, where=where)
             return {"results": [[_hit_json(x) for x in hits] for hits in results]}
         if op in ("retrieve", "stored_versions"):
@@ -258,7 +282,7 @@ class RemoteIndex(VectorIndex):
             raise IndexBackendError(f"expected vectors of dimension {self.dim}, got shape {arr.shape}")
         body = self._call("search", vectors=encode_vectors(arr), limit=limit,
                           shards=list(shards) if shards is not None else None,
-                          where=dict(where) if where is not None else None)
+                          where=where_to_json(GuardedIndex._where(where) if where is not None else None))
         return [[SearchHit(x["item_id"], x["shard"], float(x["score"]), x["payload"]) for x in hits]
                 for hits in body["results"]]
 

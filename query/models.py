@@ -60,6 +60,9 @@ class SearchFilters(BaseModel):
     category: str | None = Field(default=None, max_length=512, description="category path prefix, parts "
                                  "joined by '/', e.g. 'Fruit' or 'Fruit/Apple'")
     shop: list[str] | None = Field(default=None, min_length=1, max_length=50, description="any of these shops")
+    price_min: float | None = Field(default=None, ge=0, allow_inf_nan=False, description="lowest price (inclusive)")
+    price_max: float | None = Field(default=None, ge=0, allow_inf_nan=False, description="highest price (inclusive); "
+                                    "items without a price never match a price filter")
 
     @field_validator("category")
     @classmethod
@@ -70,6 +73,12 @@ class SearchFilters(BaseModel):
         if any(not p.strip() or p != p.strip() for p in parts):
             raise ValueError("a category path is non-empty parts joined by '/', without surrounding spaces")
         return v
+
+    @model_validator(mode="after")
+    def _price_order(self) -> SearchFilters:
+        if self.price_min is not None and self.price_max is not None and self.price_min > self.price_max:
+            raise ValueError("price_min is above price_max")
+        return self
 
     @property
     def category_parts(self) -> list[str]:

@@ -15,8 +15,8 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
+from index.base import Range, VectorIndex
 from index.base import SearchHit as IndexHit
-from index.base import VectorIndex
 from query.category import DEFAULT_K, CategoryPrediction, predict_category
 from query.metrics import NO_MATCH, QUERY_ERRORS, QUERY_STAGE_SECONDS
 from query.models import CategoryOut, ItemOut, ObjectResult, SearchFilters, SearchHit, SearchResponse
@@ -47,7 +47,7 @@ CATEGORY_PREFIXES_KEY = "category_prefixes"
 
 def restriction(filters: SearchFilters | None) -> tuple[list[str] | None, dict | None]:
     """``filters`` as (shards, where) for the index: the top-level category is the shard, a deeper
-    prefix and the shops are payload matches."""
+    prefix and the shops are payload matches, the price a range."""
     if filters is None:
         return None, None
     where: dict = {}
@@ -57,6 +57,8 @@ def restriction(filters: SearchFilters | None) -> tuple[list[str] | None, dict |
         where[CATEGORY_PREFIXES_KEY] = "/".join(parts)
     if filters.shop:
         where["shop"] = list(filters.shop)
+    if filters.price_min is not None or filters.price_max is not None:
+        where["price"] = Range(gte=filters.price_min, lte=filters.price_max)
     return shards, where or None
 
 

@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from index.base import TOMBSTONE_SHARD, IndexBackendError, IndexPoint, point_id_for
+from index.base import TOMBSTONE_SHARD, IndexBackendError, IndexPoint, Range, point_id_for
 
 DIM = 16  # make_index's default (tests/index/conftest.py)
 
@@ -120,9 +120,29 @@ def test_where_filters(make_index, rng) -> None:
     assert {h.item_id for h in both} == {f"i{k}" for k in range(12) if k % 3 == 0 and k % 4 in (0, 1)}
     assert ix.search(q, where={"color": "purple"}) == []
     # bool/float/empty lists are refused rather than silently matching nothing (see index/base.py).
-    for bad in ({"in_stock": True}, {"price": 1.5}, {"color": []}, {"color": ["red", 1]}):
+    for bad in ({"in_stock": True}, {"price": 1.5}, {"color": []}, {"color": ["red", 1]}, {"price": Range()},
+                {"price": Range(gte="1")}, {"price": Range(lte=float("nan"))}):
         with pytest.raises(IndexBackendError):
             ix.search(q, where=bad)
+
+
+def test_range_filters(make_index, rng) -> None:
+    ix = make_index()
+    vecs = unit(rng, 10)
+    # prices 0.5, 1.5, ..., 9.5 on i0..i9; i9 has no price at all
+    ix.upsert([pt(f"i{k}", "shoes" if k % 2 else "bags", vecs[k], **({"price": k + 0.5} if k < 9 else {}),
+                  color="red" if k % 3 == 0 else "blue") for k in range(10)])
+    q = vecs[0]
+
+    def ids(**where):
+        return {h.item_id for h in ix.search(q, limit=10, where=where)}
+
+    assert ids(price=Range(gte=2, lte=5)) == {"i2", "i3", "i4"}
+    assert ids(price=Range(gte=7.5)) == {"i7", "i8"}  # i9 has no price: a range never matches it
+    assert ids(price=Range(lte=0.5)) == {"i0"}
+    assert ids(price=Range(gte=2, lte=5), color="red") == {"i3"}
+    assert {h.item_id for h in ix.search(q, limit=10, shards=["bags"], where={"price": Range(lte=4)})} == {"i0", "i2"}
+    assert [len(r) for r in ix.search_batch(vecs[:2], limit=10, where={"price": Range(gte=100)})] == [0, 0]
 
 
 def test_stale_versions_skipped_and_equal_version_idempotent(make_index, rng) -> None:

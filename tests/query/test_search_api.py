@@ -144,6 +144,13 @@ def test_filters_apply_inside_the_index(client):
     r = client.post("/v1/search", json={"image_base64": img, "filters": {"category": "Apple/Royal-Gala",
                                                                           "shop": ["shop-nowhere"]}})
     assert r.json()["objects"][0]["hits"] == []
+    r = client.post("/v1/search", json={"image_base64": img, "limit": 20,
+                                        "filters": {"category": "Apple", "price_min": 2.5, "price_max": 5}})
+    hits = r.json()["objects"][0]["hits"]
+    assert hits and all(2.5 <= h["price"] <= 5 for h in hits), hits
+    form = client.post("/v1/search?limit=20", files={"image": ("p.jpg", PINK.read_bytes(), "image/jpeg")},
+                       data={"category": "Apple", "price_min": "2.5", "price_max": "5"})
+    assert [h["item_id"] for h in form.json()["objects"][0]["hits"]] == [h["item_id"] for h in hits]
     r = client.post("/v1/search", json={"image_base64": img, "filters": {"category": "Dairy"}})
     obj = r.json()["objects"][0]
     assert r.status_code == 200 and obj["hits"] == [] and obj["no_match"] is True
@@ -204,6 +211,8 @@ BAD = [
     ({"json": {"image_base64": "", "objects": 99}}, 422, "invalid_request"),
     ({"json": {"image_base64": "", "filters": {"category": "Fruit/ "}}}, 422, "invalid_request"),
     ({"json": {"image_base64": "", "filters": {"colour": "red"}}}, 422, "invalid_request"),
+    ({"json": {"image_base64": "", "filters": {"price_min": 5, "price_max": 1}}}, 422, "invalid_request"),
+    ({"json": {"image_base64": "", "filters": {"price_max": -1}}}, 422, "invalid_request"),
     ({"json": {"image_url": "http://127.0.0.1:9/x.jpg"}}, 422, "private_address"),
     ({"json": {"text": "pink apple"}}, 422, "text_unsupported"),
     ({"json": {}}, 422, "invalid_request"),
