@@ -19,7 +19,7 @@ pytestmark = pytest.mark.integration
 def test_items_posted_through_the_hook_are_found_through_the_api_while_ingesting():
     redis_client(13).close()  # required (fails under CI=true when missing)
     grocery_root()
-    args = argparse.Namespace(data=str(DATA), split="train", rate=5.0, seconds=3.0, probe_every=1, probe_interval_ms=100.0, give_up_s=30.0,
+    args = argparse.Namespace(data=str(DATA), split="train", rate=5.0, seconds=3.0, probe_every=1, probe_interval_ms=100.0, unfiltered=False, give_up_s=30.0,
                               queries=5, burst=60, burst_timeout_s=90.0, optimize_every=5000, redis_db=13)
     report = run(args)
     fresh = report["freshness_s"]
