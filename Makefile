@@ -13,7 +13,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 
 .DEFAULT_GOAL := help
 .PHONY: help venv model demo test test-all serving-install eval train bench-embed bench-ingest \
-	bench-query-search drill up down \
+	bench-query-search bench-query drill up down \
 	config lint clean browser
 
 help: ## list the targets
@@ -67,6 +67,9 @@ bench-ingest: model ## event published -> searchable items/s vs the embedding ce
 
 bench-query-search: model ## search only at 81/100k/1M items: Qdrant Edge float/int8/binary vs numpy, faiss, hnswlib -> reports/bench-query-search.json (BENCH_ARGS="--sizes 81,10000": quick)
 	$(PY) -m offline bench-query-search $(DATA_ARG) --split $(SPLIT) $(BENCH_ARGS)
+
+bench-query: model ## end to end by stage at 81/100k/1M items, QPS at p99 <= 100 ms via the API, engines side by side -> reports/bench-query.json (BENCH_ARGS="--sizes 81,10000 --qps-steps 5,10": quick)
+	$(PY) -m offline bench-query $(DATA_ARG) --split $(SPLIT) $(BENCH_ARGS)
 
 drill: model ## reliability drill on the real broker/Redis/workers -> reports/drill.json
 	$(PY) -m offline drill

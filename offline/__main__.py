@@ -20,6 +20,7 @@ TOOLS = {
     "bench-decode": ("offline.bench.decode", "large-JPEG reduced-scale decode: memory, time, Recall@1 on vs off"),
     "bench-query-search": ("offline.bench.query_engines",
                            "search only: Qdrant Edge float/int8/binary vs numpy, faiss, hnswlib; p50/p99, recall@10"),
+    "bench-query": ("offline.bench.query", "end to end by stage at 81/100k/1M items, sustained QPS via the API, engines"),
     "bench-freshness": ("offline.bench.freshness", "hook POST -> found by POST /v1/search; search during a burst"),
     "drill": ("offline.drill", "reliability drill on the real broker, Redis, worker and dispatcher"),
 }
