@@ -8,7 +8,8 @@ errors to ``{error, reason, detail}`` (``query.errors``).
   a local path). 413 over the byte cap, 408 for a body that stalls or trickles (``query.body``),
   400/415/422 with the reason for a body, field or image that cannot be used (``bad_json``,
   ``bad_base64``, ``invalid_request``, ``empty``, ``corrupt``, ``too_many_pixels``, a fetch reason
-  such as ``private_address``), 503 with ``Retry-After`` when every decode slot stays busy, 503
+  such as ``private_address``; 502 when the image's server times out or fails), 503 with
+  ``Retry-After`` when every decode slot stays busy, 503
   ``index_unavailable`` when the index (or its owning process) does not answer.
 * ``GET /v1/items/{item_id}`` — the indexed listing; ``GET /v1/items/{item_id}/similar?limit=`` —
   for recommenders, without the item and its near duplicates. 404 ``unknown_item``.
@@ -48,7 +49,7 @@ from query.searcher import Searcher, UnknownItemError
 from vision.decode import ImageError
 from workers.fetch import FetchError, ImageFetcher
 
-_ERRORS = {code: {"model": ErrorOut} for code in (400, 401, 403, 404, 408, 413, 415, 422, 429, 503)}
+_ERRORS = {code: {"model": ErrorOut} for code in (400, 401, 403, 404, 408, 409, 413, 415, 422, 429, 502, 503)}
 router = APIRouter(prefix="/v1", tags=["query"], dependencies=[Depends(require("search"))], responses=_ERRORS)
 
 
@@ -166,7 +167,8 @@ def _fetch(fetcher: ImageFetcher, url: str) -> bytes:
         return fetcher.fetch(ref)
     except FetchError as e:
         QUERY_ERRORS.labels(f"fetch_{e.reason}").inc()
-        raise api_error(422, e.reason, f"image_url could not be used: {e.detail}") from None
+        # The image's server timed out or failed (retry may work): 502; a URL that cannot work: 422.
+        raise api_error(502 if e.transient else 422, e.reason, f"image_url could not be used: {e.detail}") from None
 
 
 def _index_down(e: IndexBackendError) -> HTTPException:

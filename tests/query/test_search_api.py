@@ -6,7 +6,7 @@ non-image body 422 ``unsupported``; corrupt 422 ``corrupt``; empty 422 ``empty``
 bad JSON 400 ``bad_json``; bad base64 422 ``bad_base64``; unknown or out-of-range fields, a blank
 category part 422 ``invalid_request``; a multipart form without an image 422 ``missing_image``;
 another content type 415; a private or non-http(s) image URL 422 ``private_address`` /
-``bad_scheme``; text 422 ``text_unsupported`` (no title vectors yet); an unknown item 404
+``bad_scheme``, its server failing 502 ``http_unavailable``; text 422 ``text_unsupported`` (no title vectors yet); an unknown item 404
 ``unknown_item``; no key 401. A burst of each leaves the server answering and its memory flat.
 """
 
@@ -96,6 +96,11 @@ def test_raw_json_base64_and_multipart_agree(client):
 def test_image_url_is_fetched_with_the_ingest_checks(client):
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802
+            if self.path == "/down.jpg":  # the image's server failing: worth a retry, so 502
+                self.send_response(503)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             data = PINK.read_bytes()
             self.send_response(200)
             self.send_header("Content-Type", "image/jpeg")
@@ -117,6 +122,8 @@ def test_image_url_is_fetched_with_the_ingest_checks(client):
         try:
             r = client.post("/v1/search", json={"image_url": url, "limit": 3})
             assert r.status_code == 200 and pink_first(r.json()), r.text
+            r = client.post("/v1/search", json={"image_url": url.replace("pink", "down")})
+            assert r.status_code == 502 and r.json()["reason"] == "http_unavailable", r.text
         finally:
             client.app.state.url_fetcher = default
     finally:
