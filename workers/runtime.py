@@ -131,17 +131,20 @@ def build_runtime(*, worker: WorkerSettings, runtime: RuntimeSettings, image: Im
 def serve_index_reads(manager: GenerationManager, host: str, port: int) -> IndexReadService:
     """Serve reads of this process's generations (the ones the state names) on ``host:port``, the
     same shared ``EdgeIndex`` objects the tasks write to (``open_index`` shares per process); a
-    generation is opened on its first read and held until the service closes."""
+    generation is opened on its first read and held until it leaves the state or the service closes."""
     held: dict[str, VectorIndex] = {}
     lock = threading.Lock()
 
     def lookup(model_id: str) -> VectorIndex:
         with lock:
+            try:  # every read: a dropped generation is released, not served from a deleted directory
+                gen = manager.generation(model_id)
+            except GenerationError as e:
+                gone = held.pop(model_id, None)
+                if gone is not None:
+                    gone.close()
+                raise UnknownGeneration(str(e)) from e
             if model_id not in held:
-                try:
-                    gen = manager.generation(model_id)
-                except GenerationError as e:
-                    raise UnknownGeneration(str(e)) from e
                 held[model_id] = open_index(manager.settings, gen.dim, model_id=model_id)
             return held[model_id]
 

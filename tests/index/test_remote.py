@@ -118,3 +118,18 @@ def test_failures_reach_the_reader_as_index_errors(owner) -> None:
         reader.count()
     assert time.monotonic() - t0 < 5
     reader.close()
+
+
+def test_a_generation_that_leaves_the_state_is_released(owner) -> None:
+    """A re-embed's building generation is served while it exists; once aborted and dropped, reads of
+    it are refused instead of being answered from a deleted directory."""
+    mgr, _, service = owner
+    mgr.begin("m2", name="m2", dim=DIM)
+    reader = RemoteIndex(service.address, "m2", DIM)
+    assert reader.count() == 0
+    mgr.abort()
+    mgr.drop_generation("m2")
+    assert "m2" not in mgr.state().generations
+    with pytest.raises(IndexBackendError, match="unknown_generation"):
+        reader.count()
+    reader.close()
