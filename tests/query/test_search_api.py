@@ -278,6 +278,7 @@ def test_a_photo_of_four_products_is_searched_region_by_region(client):
     mosaic.save(buf, "JPEG", quality=90)
     body = client.post("/v1/search?objects=4&limit=3", content=buf.getvalue()).json()
     assert 3 <= len(body["objects"]) <= 4, [o["box"] for o in body["objects"]]
-    found = {h["item_id"] for obj in body["objects"] for h in obj["hits"][:1]}
+    # a top hit stands for its folded near duplicates too (the Pink Lady twin ties with it)
+    found = {i for obj in body["objects"] for h in obj["hits"][:1] for i in (h["item_id"], *h["duplicates"])}
     wanted = {n.rsplit("/", 1)[0] for n in names}
     assert len(found & wanted) >= 3, (found, wanted)
