@@ -29,8 +29,10 @@ side on the same vectors (``make bench-query``, issue 15).
    producer: no broker needed, the hook is not exercised) serves the size's index from another
    process; an open-loop load generator in a third process (asyncio + httpx) posts the photos' raw
    JPEG bytes to ``POST /v1/search`` at each fixed arrival rate of ``--qps-steps`` for
-   ``--qps-step-s`` seconds. Latency runs from each request's scheduled send time (no coordinated
-   omission); errors (a 503 from a full decode queue included) count as over any bound.
+   ``--qps-step-s`` seconds, after two passes over the photos one at a time (a freshly opened 1M
+   index is still warming up in its second pass: see ``time_queries``). Latency runs from each
+   request's scheduled send time (no coordinated omission); errors (a 503 from a full decode queue
+   included) count as over any bound.
    ``qps_at_p99_100ms`` = the highest achieved rate (successful answers/s) of a step whose p99 ≤
    100 ms. The steps stop once one is saturated (p99 > 1 s or over 20 % errors).
 5. Search only: ``query_engines.run_engines`` on the same vectors in the same run (``search.*``).
@@ -355,7 +357,7 @@ def run_qps(settings, search_cfg, photos: Sequence[Path], steps: Sequence[float]
             raise RuntimeError(f"the API serves {ready.get('items')} items, expected {items}: {ready}")
         spec = work / "loadgen.json"
         spec.write_text(json.dumps({"base": base, "photos": [str(p) for p in photos], "steps": list(steps),
-                                    "step_s": step_s, "warmup": len(photos)}))
+                                    "step_s": step_s, "warmup": 2 * len(photos)}))
         bound = len(steps) * (step_s + 15) + 120
         proc = subprocess.run([sys.executable, "-c", "from offline.bench.query import loadgen_main; loadgen_main()",
                                str(spec)], capture_output=True, text=True, timeout=bound)
@@ -367,7 +369,7 @@ def run_qps(settings, search_cfg, photos: Sequence[Path], steps: Sequence[float]
     ok = [s for s in result["steps"] if s["p99_ms"] is not None and s["p99_ms"] <= P99_BOUND_MS]
     return {"items": items, "api": "1 uvicorn process (decode slots: the CPU count, at most 8)",
             "load_generator": "another process, asyncio + httpx, open loop, raw JPEG bodies; "
-                              "warm-up: one pass over the photos, one at a time",
+                              "warm-up: two passes over the photos, one at a time",
             "step_s": step_s, "steps": result["steps"],
             "qps_at_p99_100ms": max((s["achieved_qps"] for s in ok), default=0.0)}
 
