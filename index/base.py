@@ -16,6 +16,11 @@ Design rules (shared by all implementations, checked by the same tests over each
   older upsert cannot resurrect the item. A tombstone also blocks an upsert of *equal* version: a
   delete with ``version=None`` takes the stored version, and the redelivered create of that same
   version must not bring the item back. Tombstones never appear in search, retrieve or count.
+* A point may also carry a title vector (``TITLE_VECTOR``, ``IndexPoint.title_vector``) where the
+  index was opened with ``text_dim > 0``: the second named vector of the same point, searched with
+  ``search(..., using=TITLE_VECTOR)``. It is optional per point (an item without a title has none;
+  such a point is found by image only) and lives and dies with the point. The generation records
+  ``text_dim`` and refuses to open with another (a new text model means a new generation).
 * Tombstones carry no vector (they are outside the vector space, so ``limit`` is never eaten by
   them); a delete of an id the index has never seen is kept in the reserved shard
   ``TOMBSTONE_SHARD``, which ``shards()`` does not list and callers may not write to (nor to
@@ -46,6 +51,8 @@ DELETED_KEY = "deleted"
 SHARD_KEY = "shard"
 # Named vector used by every implementation (named, so tombstones can have none).
 VECTOR_NAME = "image"
+# The optional second named vector: the item's title, embedded by the text model (vision.text).
+TITLE_VECTOR = "title"
 # Reserved shard for tombstones of ids that were never stored (a delete before its create).
 TOMBSTONE_SHARD = "__tombstones__"
 # Reserved name of the physical shard shared by the categories past ``max_shards`` (index.placement).
@@ -72,6 +79,7 @@ class IndexPoint:
     vector: np.ndarray
     payload: Mapping[str, Any] = field(default_factory=dict)
     version: int = 0
+    title_vector: np.ndarray | None = None  # only where the index has ``text_dim > 0``
 
 
 @dataclass(frozen=True)
@@ -105,9 +113,11 @@ class IndexBackendError(RuntimeError):
 
 
 class VectorIndex(ABC):
-    """Sharded vector index with payloads. Vectors are L2-normalised; scores are cosine similarity."""
+    """Sharded vector index with payloads. Vectors are L2-normalised; scores are cosine similarity.
+    ``dim``: the image vectors' dimension; ``text_dim``: the title vectors' (0: the index has none)."""
 
     dim: int
+    text_dim: int = 0
 
     @abstractmethod
     def upsert(self, points: Sequence[IndexPoint]) -> WriteResult:
@@ -136,9 +146,11 @@ class VectorIndex(ABC):
         limit: int = 10,
         shards: Sequence[str] | None = None,
         where: Mapping[str, Any] | None = None,
+        using: str = VECTOR_NAME,
     ) -> list[SearchHit]:
         """Nearest live points by cosine similarity, best first, across ``shards`` (None = all:
-        scatter-gather). ``where`` matches payload keys exactly (a list value = any of)."""
+        scatter-gather). ``where`` matches payload keys exactly (a list value = any of). ``using``:
+        which named vector to compare with (``TITLE_VECTOR``: a text query of ``text_dim``)."""
 
     def search_batch(
         self,
@@ -147,10 +159,11 @@ class VectorIndex(ABC):
         limit: int = 10,
         shards: Sequence[str] | None = None,
         where: Mapping[str, Any] | None = None,
+        using: str = VECTOR_NAME,
     ) -> list[list[SearchHit]]:
         """``search`` for several vectors at once (one result list per vector, in order). Backends
         override it to run the queries as one planned batch / one round trip."""
-        return [self.search(v, limit=limit, shards=shards, where=where) for v in vectors]
+        return [self.search(v, limit=limit, shards=shards, where=where, using=using) for v in vectors]
 
     @abstractmethod
     def count(self, shard: str | None = None) -> int:

@@ -2,7 +2,7 @@
 
 Layout under ``root`` (one directory per model generation, chosen by ``index.factory``)::
 
-    root/manifest.json          {"format", "dim", "model_id", "shards": {dir name: shard key},
+    root/manifest.json          {"format", "dim", "text_dim", "model_id", "shards": {dir name: key},
                                  "shared": {"__overflow__": [shard keys]}}
     root/shards/<dir name>/     one EdgeShard per shard key (top-level category) ...
     root/shards/__overflow__/   ... up to ``max_shards`` in all: later keys share this one
@@ -41,6 +41,7 @@ import qdrant_edge as qe
 from index.base import (
     OVERFLOW_SHARD,
     SHARD_KEY,
+    TITLE_VECTOR,
     TOMBSTONE_SHARD,
     VECTOR_NAME,
     IndexBackendError,
@@ -78,6 +79,7 @@ def _quantization_config(quantization: Quantization | None) -> Any:
 def edge_config(
     dim: int,
     *,
+    text_dim: int = 0,
     hnsw_m: int = 16,
     hnsw_ef_construct: int = 100,
     quantization: Quantization | None = None,
@@ -85,10 +87,14 @@ def edge_config(
     full_scan_threshold_kb: int = 10_000,
     max_search_threads: int | None = None,
 ) -> qe.EdgeConfig:
-    """The config of every shard of an ``EdgeIndex`` (one cosine vector ``VECTOR_NAME``); public
-    so that ``offline.bench.query_engines`` measures exactly what the index runs."""
+    """The config of every shard of an ``EdgeIndex`` (the cosine vector ``VECTOR_NAME`` and, with
+    ``text_dim``, ``TITLE_VECTOR``); public so that ``offline.bench.query_engines`` measures exactly
+    what the index runs."""
+    vectors = {VECTOR_NAME: qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine)}
+    if text_dim:
+        vectors[TITLE_VECTOR] = qe.EdgeVectorParams(size=text_dim, distance=qe.Distance.Cosine)
     return qe.EdgeConfig(
-        vectors={VECTOR_NAME: qe.EdgeVectorParams(size=dim, distance=qe.Distance.Cosine)},
+        vectors=vectors,
         hnsw_config=qe.HnswIndexConfig(
             m=hnsw_m, ef_construct=hnsw_ef_construct, full_scan_threshold=full_scan_threshold_kb
         ),
@@ -141,6 +147,13 @@ def _edge_filter(where: Where, keys: list[str] | None = None) -> qe.Filter | Non
     return qe.Filter(must=must) if must else None
 
 
+def _named_vectors(p: PutPoint) -> dict[str, list[float]]:
+    """A point's named vectors (none: a tombstone; the title only where it has one)."""
+    if p.vector is None:
+        return {}
+    return {VECTOR_NAME: p.vector} if p.title is None else {VECTOR_NAME: p.vector, TITLE_VECTOR: p.title}
+
+
 class EdgeIndex(GuardedIndex):
     """One on-disk EdgeShard per shard key under ``root``, at most ``max_shards`` (None: no cap);
     cosine distance.
@@ -158,6 +171,7 @@ class EdgeIndex(GuardedIndex):
         root: str | os.PathLike[str],
         dim: int,
         *,
+        text_dim: int = 0,
         model_id: str = "",
         hnsw_m: int = 16,
         hnsw_ef_construct: int = 100,
@@ -170,11 +184,11 @@ class EdgeIndex(GuardedIndex):
         max_search_threads: int | None = None,
         max_shards: int | None = DEFAULT_MAX_SHARDS,
     ) -> None:
-        super().__init__(dim)
+        super().__init__(dim, text_dim)
         self.root = Path(root)
         self.model_id = model_id
         self._config = edge_config(  # first: it refuses an unknown quantization
-            dim, hnsw_m=hnsw_m, hnsw_ef_construct=hnsw_ef_construct, quantization=quantization,
+            dim, text_dim=text_dim, hnsw_m=hnsw_m, hnsw_ef_construct=hnsw_ef_construct, quantization=quantization,
             indexing_threshold_kb=indexing_threshold_kb, full_scan_threshold_kb=full_scan_threshold_kb,
             max_search_threads=max_search_threads,
         )
@@ -204,6 +218,11 @@ class EdgeIndex(GuardedIndex):
                 raise IndexBackendError(
                     f"index at {self.root} holds {manifest['dim']}-d vectors, opened with dim={self.dim}"
                 )
+            if manifest.get("text_dim", 0) != self.text_dim:
+                raise IndexBackendError(
+                    f"index at {self.root} holds {manifest.get('text_dim', 0)}-d title vectors (0: none), "
+                    f"opened with text_dim={self.text_dim}: re-embed into a new generation"
+                )
             if manifest.get("model_id", "") != self.model_id:
                 raise IndexBackendError(
                     f"index at {self.root} belongs to model {manifest.get('model_id')!r}, "
@@ -229,6 +248,7 @@ class EdgeIndex(GuardedIndex):
         manifest: dict[str, Any] = {
             "format": _FORMAT_SHARED if shared else _FORMAT,
             "dim": self.dim,
+            "text_dim": self.text_dim,
             "model_id": self.model_id,
             "distance": "cosine",
             "shards": {self._dirs[k]: k for k in self._placement.dedicated()},
@@ -287,10 +307,7 @@ class EdgeIndex(GuardedIndex):
         return out
 
     def _put(self, shard: str, points: list[PutPoint]) -> None:
-        ops = [
-            qe.Point(p.point_id, {VECTOR_NAME: p.vector} if p.vector is not None else {}, p.payload)
-            for p in points
-        ]
+        ops = [qe.Point(p.point_id, _named_vectors(p), p.payload) for p in points]
         self._shard(shard).update(qe.UpdateOperation.upsert_points(ops))
 
     def _drop(self, shard: str, point_ids: list[str]) -> None:
@@ -305,10 +322,11 @@ class EdgeIndex(GuardedIndex):
             )
         self._shards[physical].update(op)
 
-    def _request(self, vector: list[float], limit: int, where: Where, keys: list[str] | None) -> qe.QueryRequest:
+    def _request(self, vector: list[float], limit: int, where: Where, keys: list[str] | None,
+                 using: str) -> qe.QueryRequest:
         return qe.QueryRequest(
             limit=limit,
-            query=qe.Query.Nearest(vector, using=VECTOR_NAME),
+            query=qe.Query.Nearest(vector, using=using),
             filter=_edge_filter(where, keys),
             params=self._params,
             with_payload=True,
@@ -323,20 +341,21 @@ class EdgeIndex(GuardedIndex):
         return hits
 
     def _search(
-        self, vector: list[float], limit: int, shards: list[str] | None, where: Where
+        self, vector: list[float], limit: int, shards: list[str] | None, where: Where, using: str
     ) -> list[SearchHit]:
         hits = []
         for physical, keys in self._placement.plan(shards).items():  # scatter-gather; merged by score
-            hits += self._hits(physical, self._shards[physical].query(self._request(vector, limit, where, keys)))
+            request = self._request(vector, limit, where, keys, using)
+            hits += self._hits(physical, self._shards[physical].query(request))
         return hits
 
     def _search_batch(
-        self, vectors: list[list[float]], limit: int, shards: list[str] | None, where: Where
+        self, vectors: list[list[float]], limit: int, shards: list[str] | None, where: Where, using: str
     ) -> list[list[SearchHit]]:
         # One planned batch per shard (~2.5x less time per query than one call each for 128 queries).
         out: list[list[SearchHit]] = [[] for _ in vectors]
         for physical, keys in self._placement.plan(shards).items():
-            batch = qe.QueryBatchRequest([self._request(v, limit, where, keys) for v in vectors])
+            batch = qe.QueryBatchRequest([self._request(v, limit, where, keys, using) for v in vectors])
             for i, points in enumerate(self._shards[physical].query_batch(batch)):
                 out[i] += self._hits(physical, points)
         return out

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from index.base import IndexBackendError, VectorIndex
+from index.base import VECTOR_NAME, IndexBackendError, VectorIndex
 from index.settings import EdgeIndexSettings, IndexSettings, QdrantIndexSettings
 
 
@@ -111,14 +111,14 @@ def _search_options(settings: IndexSettings) -> dict[str, Any]:
                 rescore=settings.quantization_rescore, oversampling=settings.quantization_oversampling)
 
 
-def _open_edge(settings: EdgeIndexSettings, dim: int, model_id: str) -> VectorIndex:
+def _open_edge(settings: EdgeIndexSettings, dim: int, model_id: str, text_dim: int) -> VectorIndex:
     from index.edge import EdgeIndex
 
-    return EdgeIndex(generation_dir(settings, model_id), dim, model_id=model_id, **_search_options(settings),
-                     max_shards=settings.max_shards)
+    return EdgeIndex(generation_dir(settings, model_id), dim, text_dim=text_dim, model_id=model_id,
+                     **_search_options(settings), max_shards=settings.max_shards)
 
 
-def _open_qdrant(settings: QdrantIndexSettings, dim: int, model_id: str) -> VectorIndex:
+def _open_qdrant(settings: QdrantIndexSettings, dim: int, model_id: str, text_dim: int) -> VectorIndex:
     from index.qdrant import QdrantIndex
 
     options: dict[str, Any] = dict(**_search_options(settings), max_shards=settings.max_shards)
@@ -128,21 +128,22 @@ def _open_qdrant(settings: QdrantIndexSettings, dim: int, model_id: str) -> Vect
                        shards_per_key=settings.shards_per_key)
     client = acquire_client(settings)
     try:
-        return QdrantIndex(client, collection_for(settings, model_id), dim,
+        return QdrantIndex(client, collection_for(settings, model_id), dim, text_dim=text_dim,
                            on_close=lambda: release_client(settings), **options)
     except Exception:
         release_client(settings)
         raise
 
 
-BACKENDS: dict[str, Callable[[Any, int, str], VectorIndex]] = {"edge": _open_edge, "qdrant": _open_qdrant}
+BACKENDS: dict[str, Callable[[Any, int, str, int], VectorIndex]] = {"edge": _open_edge, "qdrant": _open_qdrant}
 
 
 # --- the one way to open ---------------------------------------------------------------------------
 
-def open_index(settings: IndexSettings, dim: int, *, model_id: str) -> VectorIndex:
+def open_index(settings: IndexSettings, dim: int, *, model_id: str, text_dim: int = 0) -> VectorIndex:
     """This process's shared index of ``model_id``'s generation (opened, or created, on first use),
-    as a handle whose ``close()`` releases this reference."""
+    as a handle whose ``close()`` releases this reference. ``text_dim``: the title vectors' size
+    (0: none); the generation records it, and refuses to open with another."""
     key = (*deployment_key(settings), model_id)
     with _lock:
         entry = _indexes.get(key)
@@ -150,9 +151,12 @@ def open_index(settings: IndexSettings, dim: int, *, model_id: str) -> VectorInd
             opener = BACKENDS.get(settings.backend)
             if opener is None:
                 raise IndexBackendError(f"unknown index backend {settings.backend!r}; known: {sorted(BACKENDS)}")
-            entry = _indexes[key] = _Shared(opener(settings, dim, model_id))
+            entry = _indexes[key] = _Shared(opener(settings, dim, model_id, text_dim))
         elif entry.obj.dim != dim:
             raise IndexBackendError(f"generation {model_id!r} holds {entry.obj.dim}-d vectors, asked for {dim}")
+        elif entry.obj.text_dim != text_dim:
+            raise IndexBackendError(f"generation {model_id!r} holds {entry.obj.text_dim}-d title vectors, "
+                                    f"asked for {text_dim}")
         entry.refs += 1
         return IndexHandle(key, entry.obj)
 
@@ -182,7 +186,7 @@ class IndexHandle(VectorIndex):
 
     def __init__(self, key: tuple[str, ...], index: VectorIndex) -> None:
         self._key, self._index, self._released = key, index, False
-        self.dim = index.dim
+        self.dim, self.text_dim = index.dim, index.text_dim
 
     @property
     def shared(self) -> VectorIndex:
@@ -206,11 +210,11 @@ class IndexHandle(VectorIndex):
     def stored_versions(self, item_ids):
         return self._index.stored_versions(item_ids)
 
-    def search(self, vector, *, limit=10, shards=None, where=None):
-        return self._index.search(vector, limit=limit, shards=shards, where=where)
+    def search(self, vector, *, limit=10, shards=None, where=None, using=VECTOR_NAME):
+        return self._index.search(vector, limit=limit, shards=shards, where=where, using=using)
 
-    def search_batch(self, vectors, *, limit=10, shards=None, where=None):
-        return self._index.search_batch(vectors, limit=limit, shards=shards, where=where)
+    def search_batch(self, vectors, *, limit=10, shards=None, where=None, using=VECTOR_NAME):
+        return self._index.search_batch(vectors, limit=limit, shards=shards, where=where, using=using)
 
     def count(self, shard=None):
         return self._index.count(shard)

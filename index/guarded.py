@@ -1,7 +1,8 @@
 """``GuardedIndex``: the version guard, tombstones, validation and scatter-gather merge, written once.
 
 A backend subclass only moves points: ``_fetch`` (every stored copy of some point ids, all shards),
-``_put`` (write points into one shard; ``vector=None`` is a tombstone), ``_drop`` (remove point ids
+``_put`` (write points into one shard; ``vector=None`` is a tombstone; ``title`` the optional
+second named vector), ``_drop`` (remove point ids
 from one shard), ``_search`` (nearest live points in some shards) and ``_count``. The shard keys
 these primitives take and return are logical (categories); which physical shard holds each is the
 backend's business (``index.placement``). The rules in ``index.base`` are then the same for every
@@ -31,7 +32,9 @@ from index.base import (
     ITEM_ID_KEY,
     OVERFLOW_SHARD,
     SHARD_KEY,
+    TITLE_VECTOR,
     TOMBSTONE_SHARD,
+    VECTOR_NAME,
     VERSION_KEY,
     IndexBackendError,
     IndexPoint,
@@ -69,6 +72,7 @@ class PutPoint:
     point_id: str
     vector: list[float] | None  # None: a tombstone, outside the vector space
     payload: dict[str, Any]
+    title: list[float] | None = None  # the title vector, where the index has them
 
 
 @dataclass
@@ -79,10 +83,13 @@ class _State:
 
 
 class GuardedIndex(VectorIndex):
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, text_dim: int = 0) -> None:
         if not isinstance(dim, int) or dim <= 0:
             raise IndexBackendError(f"dimension must be a positive int, got {dim!r}")
+        if not isinstance(text_dim, int) or isinstance(text_dim, bool) or text_dim < 0:
+            raise IndexBackendError(f"text dimension must be an int >= 0, got {text_dim!r}")
         self.dim = dim
+        self.text_dim = text_dim
         self._write_lock = threading.RLock()
         self._closed = False
 
@@ -104,15 +111,16 @@ class GuardedIndex(VectorIndex):
 
     @abstractmethod
     def _search(
-        self, vector: list[float], limit: int, shards: list[str] | None, where: Where
+        self, vector: list[float], limit: int, shards: list[str] | None, where: Where, using: str
     ) -> list[SearchHit]:
-        """Up to ``limit`` nearest live points from each of ``shards`` (None = all), any order."""
+        """Up to ``limit`` nearest live points from each of ``shards`` (None = all), any order, by
+        the named vector ``using`` (points without that vector are not candidates)."""
 
     def _search_batch(
-        self, vectors: list[list[float]], limit: int, shards: list[str] | None, where: Where
+        self, vectors: list[list[float]], limit: int, shards: list[str] | None, where: Where, using: str
     ) -> list[list[SearchHit]]:
         """``_search`` per vector; backends with a batch query override it."""
-        return [self._search(v, limit, shards, where) for v in vectors]
+        return [self._search(v, limit, shards, where, using) for v in vectors]
 
     @abstractmethod
     def _count(self, shard: str | None) -> int:
@@ -131,10 +139,18 @@ class GuardedIndex(VectorIndex):
         if self._closed:
             raise IndexBackendError(f"{type(self).__name__} is closed")
 
-    def _vector(self, vector: Any) -> list[float]:
+    def _vector(self, vector: Any, using: str = VECTOR_NAME) -> list[float]:
+        if using == TITLE_VECTOR:
+            if not self.text_dim:
+                raise IndexBackendError("this index holds no title vectors (opened with text_dim=0)")
+            dim = self.text_dim
+        elif using == VECTOR_NAME:
+            dim = self.dim
+        else:
+            raise IndexBackendError(f"unknown vector {using!r}; known: {VECTOR_NAME!r}, {TITLE_VECTOR!r}")
         arr = np.asarray(vector, dtype=np.float32)
-        if arr.shape != (self.dim,):
-            raise IndexBackendError(f"vector shape {arr.shape} does not match index dimension {self.dim}")
+        if arr.shape != (dim,):
+            raise IndexBackendError(f"{using} vector shape {arr.shape} does not match its dimension {dim}")
         norm = float(np.linalg.norm(arr))
         if not math.isfinite(norm) or norm == 0.0:
             raise IndexBackendError("vector must be finite and non-zero (cosine similarity)")
@@ -199,16 +215,17 @@ class GuardedIndex(VectorIndex):
         for p in points:
             if not isinstance(p.version, int) or isinstance(p.version, bool) or p.version < 0:
                 raise IndexBackendError(f"{p.item_id}: version must be an int >= 0, got {p.version!r}")
-            prepared.append((p, self._shard_name(p.shard), self._vector(p.vector)))
+            title = None if p.title_vector is None else self._vector(p.title_vector, TITLE_VECTOR)
+            prepared.append((p, self._shard_name(p.shard), self._vector(p.vector), title))
         result = WriteResult()
         if not prepared:
             return result
         with self._write_lock:
-            pids = list(dict.fromkeys(point_id_for(p.item_id) for p, _, _ in prepared))
+            pids = list(dict.fromkeys(point_id_for(p.item_id) for p, _, _, _ in prepared))
             stored = self._fetch(pids, with_vectors=False)
             states = self._states(stored)
-            winners: dict[str, tuple[IndexPoint, str, list[float]]] = {}
-            for p, shard, vec in prepared:
+            winners: dict[str, tuple[IndexPoint, str, list[float], list[float] | None]] = {}
+            for p, shard, vec, title in prepared:
                 pid = point_id_for(p.item_id)
                 cur = states.get(pid)
                 if cur is not None and (
@@ -217,13 +234,13 @@ class GuardedIndex(VectorIndex):
                     result.stale.append(p.item_id)
                     continue
                 result.applied.append(p.item_id)
-                winners[pid] = (p, shard, vec)
+                winners[pid] = (p, shard, vec, title)
                 states[pid] = _State(p.version, False, shard)
             by_shard: dict[str, list[PutPoint]] = {}
-            for pid, (p, shard, vec) in winners.items():
+            for pid, (p, shard, vec, title) in winners.items():
                 payload = {k: v for k, v in p.payload.items() if k != DELETED_KEY}
                 payload.update({ITEM_ID_KEY: p.item_id, VERSION_KEY: p.version, SHARD_KEY: shard})
-                by_shard.setdefault(shard, []).append(PutPoint(pid, vec, payload))
+                by_shard.setdefault(shard, []).append(PutPoint(pid, vec, payload, title))
             for shard, puts in by_shard.items():
                 self._put(shard, puts)
             self._drop_other_copies(stored, {pid: w[1] for pid, w in winners.items()})
@@ -302,8 +319,9 @@ class GuardedIndex(VectorIndex):
         limit: int = 10,
         shards: Sequence[str] | None = None,
         where: Mapping[str, Any] | None = None,
+        using: str = VECTOR_NAME,
     ) -> list[SearchHit]:
-        return self.search_batch([vector], limit=limit, shards=shards, where=where)[0]
+        return self.search_batch([vector], limit=limit, shards=shards, where=where, using=using)[0]
 
     def search_batch(
         self,
@@ -312,9 +330,10 @@ class GuardedIndex(VectorIndex):
         limit: int = 10,
         shards: Sequence[str] | None = None,
         where: Mapping[str, Any] | None = None,
+        using: str = VECTOR_NAME,
     ) -> list[list[SearchHit]]:
         self._check_open()
-        vecs = [self._vector(v) for v in vectors]
+        vecs = [self._vector(v, using) for v in vectors]
         if not isinstance(limit, int) or limit < 0:
             raise IndexBackendError(f"limit must be an int >= 0, got {limit!r}")
         flt = self._where(where)
@@ -326,9 +345,9 @@ class GuardedIndex(VectorIndex):
         if limit == 0 or not vecs:
             return [[] for _ in vecs]
         if len(vecs) == 1:
-            found = [self._search(vecs[0], limit, selected, flt)]
+            found = [self._search(vecs[0], limit, selected, flt, using)]
         else:
-            found = self._search_batch(vecs, limit, selected, flt)
+            found = self._search_batch(vecs, limit, selected, flt, using)
         return [self._merge_hits(hits, limit) for hits in found]
 
     @staticmethod

@@ -40,6 +40,7 @@ from index.base import (
     OVERFLOW_SHARD,
     SHARD_KEY,
     TOMBSTONE_SHARD,
+    TITLE_VECTOR,
     VECTOR_NAME,
     IndexBackendError,
     Range,
@@ -88,6 +89,7 @@ class QdrantIndex(GuardedIndex):
         collection: str,
         dim: int,
         *,
+        text_dim: int = 0,
         use_shard_keys: bool | None = None,
         shards_per_key: int = 1,
         replication_factor: int = 1,
@@ -102,7 +104,7 @@ class QdrantIndex(GuardedIndex):
         on_close: Callable[[], None] | None = None,
         max_shards: int | None = DEFAULT_MAX_SHARDS,
     ) -> None:
-        super().__init__(dim)
+        super().__init__(dim, text_dim)
         local = is_local_client(client)
         if use_shard_keys is None:
             use_shard_keys = not local
@@ -158,6 +160,12 @@ class QdrantIndex(GuardedIndex):
 
     # ---- setup --------------------------------------------------------------------------------
 
+    def _vectors_config(self, image: qm.VectorParams) -> dict[str, qm.VectorParams]:
+        config = {VECTOR_NAME: image}
+        if self.text_dim:  # same storage options as the image vector, its own size
+            config[TITLE_VECTOR] = image.model_copy(update={"size": self.text_dim})
+        return config
+
     def _ensure_collection(
         self,
         vectors: qm.VectorParams,
@@ -170,7 +178,7 @@ class QdrantIndex(GuardedIndex):
             try:
                 self.client.create_collection(
                     self.collection,
-                    vectors_config={VECTOR_NAME: vectors},
+                    vectors_config=self._vectors_config(vectors),
                     hnsw_config=hnsw,
                     quantization_config=quant,
                     sharding_method=qm.ShardingMethod.CUSTOM if self.use_shard_keys else None,
@@ -203,6 +211,12 @@ class QdrantIndex(GuardedIndex):
         if vec.size != self.dim:
             raise IndexBackendError(
                 f"collection {self.collection!r} holds {vec.size}-d vectors, opened with dim={self.dim}"
+            )
+        title = params.vectors.get(TITLE_VECTOR)
+        if (title.size if title is not None else 0) != self.text_dim:
+            raise IndexBackendError(
+                f"collection {self.collection!r} holds {title.size if title is not None else 0}-d title vectors "
+                f"(0: none), opened with text_dim={self.text_dim}: re-embed into a new generation"
             )
         custom = params.sharding_method == qm.ShardingMethod.CUSTOM
         if self.use_shard_keys and not custom:
@@ -290,7 +304,8 @@ class QdrantIndex(GuardedIndex):
         structs = [
             qm.PointStruct(
                 id=p.point_id,
-                vector={VECTOR_NAME: p.vector} if p.vector is not None else {},
+                vector=({} if p.vector is None else {VECTOR_NAME: p.vector} if p.title is None
+                        else {VECTOR_NAME: p.vector, TITLE_VECTOR: p.title}),
                 payload=p.payload,
             )
             for p in points
@@ -317,12 +332,12 @@ class QdrantIndex(GuardedIndex):
         )
 
     def _search(
-        self, vector: list[float], limit: int, shards: list[str] | None, where: Where
+        self, vector: list[float], limit: int, shards: list[str] | None, where: Where, using: str
     ) -> list[SearchHit]:
-        return self._search_batch([vector], limit, shards, where)[0]
+        return self._search_batch([vector], limit, shards, where, using)[0]
 
     def _search_batch(
-        self, vectors: list[list[float]], limit: int, shards: list[str] | None, where: Where
+        self, vectors: list[list[float]], limit: int, shards: list[str] | None, where: Where, using: str
     ) -> list[list[SearchHit]]:
         """All queries in one round trip (``query_batch_points``)."""
         selector: list[str] | None = None
@@ -337,7 +352,7 @@ class QdrantIndex(GuardedIndex):
         flt = self._live_filter(keys, where)
         requests = [
             qm.QueryRequest(
-                query=v, using=VECTOR_NAME, limit=limit, filter=flt, with_payload=True,
+                query=v, using=using, limit=limit, filter=flt, with_payload=True,
                 params=None if self._local else self._search_params, shard_key=self._selector(selector),
             )
             for v in vectors

@@ -34,7 +34,16 @@ from typing import Any
 import httpx
 import numpy as np
 
-from index.base import IndexBackendError, IndexRecord, Range, SearchHit, VectorIndex, WriteResult
+from index.base import (
+    TITLE_VECTOR,
+    VECTOR_NAME,
+    IndexBackendError,
+    IndexRecord,
+    Range,
+    SearchHit,
+    VectorIndex,
+    WriteResult,
+)
 from index.guarded import GuardedIndex  # the where rules, checked before a request is sent
 
 log = logging.getLogger(__name__)
@@ -201,12 +210,18 @@ class IndexReadService:
     @staticmethod
     def _run(index: VectorIndex, op: str, req: dict[str, Any]) -> dict[str, Any]:
         if op == "search":
-            vectors = decode_vectors(str(req["vectors"]), index.dim)
+            using = req.get("using", VECTOR_NAME)
+            if using not in (VECTOR_NAME, TITLE_VECTOR):
+                raise ValueError(f"using must be {VECTOR_NAME!r} or {TITLE_VECTOR!r}, got {using!r}")
+            dim = index.text_dim if using == TITLE_VECTOR else index.dim
+            if not dim:
+                raise IndexBackendError("this index holds no title vectors")
+            vectors = decode_vectors(str(req["vectors"]), dim)
             limit = int(req.get("limit", 10))
             if not 0 <= limit <= 10_000:
                 raise ValueError(f"limit {limit} outside 0..10000")
             shards, where = req.get("shards"), where_from_json(req.get("where"))
-            results = index.search_batch(vectors, limit=limit, shards=shards, where=where)
+            results = index.search_batch(vectors, limit=limit, shards=shards, where=where, using=using)
             return {"results": [[_hit_json(x) for x in hits] for hits in results]}
         if op in ("retrieve", "stored_versions"):
             ids = req["item_ids"]
@@ -218,7 +233,7 @@ class IndexReadService:
             return {"records": [_record_json(r) for r in recs]}
         if op == "count":
             return {"count": index.count(req.get("shard"))}
-        return {"shards": index.shards(), "dim": index.dim}
+        return {"shards": index.shards(), "dim": index.dim, "text_dim": index.text_dim}
 
     @staticmethod
     def _reply(h: BaseHTTPRequestHandler, status: int, body: dict[str, Any]) -> None:
@@ -247,6 +262,7 @@ class RemoteIndex(VectorIndex):
         self.url = url.rstrip("/")
         self.model_id = model_id
         self.dim = dim
+        self._text_dim: int | None = None  # the owner's: asked once, on first use
         self._client = httpx.Client(base_url=self.url, timeout=timeout_s,
                                     limits=httpx.Limits(max_keepalive_connections=16))
         self._closed = False
@@ -267,20 +283,31 @@ class RemoteIndex(VectorIndex):
                                     f"{err.get('detail')}")
         return r.json()
 
+    @property
+    def text_dim(self) -> int:  # type: ignore[override] - the owner's generation decides
+        if self._text_dim is None:
+            self._text_dim = int(self._call("shards").get("text_dim", 0))
+        return self._text_dim
+
     # -- reads --------------------------------------------------------------------------------
     def search(self, vector: np.ndarray, *, limit: int = 10, shards: Sequence[str] | None = None,
-               where: Mapping[str, Any] | None = None) -> list[SearchHit]:
+               where: Mapping[str, Any] | None = None, using: str = VECTOR_NAME) -> list[SearchHit]:
         arr = np.asarray(vector, dtype=np.float32)
         if arr.ndim != 1:
-            raise IndexBackendError(f"expected one vector of dimension {self.dim}, got shape {arr.shape}")
-        return self.search_batch(arr[None, :], limit=limit, shards=shards, where=where)[0]
+            raise IndexBackendError(f"expected one vector, got shape {arr.shape}")
+        return self.search_batch(arr[None, :], limit=limit, shards=shards, where=where, using=using)[0]
 
     def search_batch(self, vectors, *, limit: int = 10, shards: Sequence[str] | None = None,
-                     where: Mapping[str, Any] | None = None) -> list[list[SearchHit]]:
+                     where: Mapping[str, Any] | None = None, using: str = VECTOR_NAME) -> list[list[SearchHit]]:
+        if using not in (VECTOR_NAME, TITLE_VECTOR):
+            raise IndexBackendError(f"unknown vector {using!r}; known: {VECTOR_NAME!r}, {TITLE_VECTOR!r}")
+        dim = self.text_dim if using == TITLE_VECTOR else self.dim
+        if not dim:
+            raise IndexBackendError("this index holds no title vectors (its owner opened it with text_dim=0)")
         arr = np.asarray(vectors, dtype=np.float32)
-        if arr.ndim != 2 or arr.shape[1] != self.dim:
-            raise IndexBackendError(f"expected vectors of dimension {self.dim}, got shape {arr.shape}")
-        body = self._call("search", vectors=encode_vectors(arr), limit=limit,
+        if arr.ndim != 2 or arr.shape[1] != dim:
+            raise IndexBackendError(f"expected {using} vectors of dimension {dim}, got shape {arr.shape}")
+        body = self._call("search", vectors=encode_vectors(arr), limit=limit, using=using,
                           shards=list(shards) if shards is not None else None,
                           where=where_to_json(GuardedIndex._where(where) if where is not None else None))
         return [[SearchHit(x["item_id"], x["shard"], float(x["score"]), x["payload"]) for x in hits]

@@ -11,7 +11,7 @@ from index.remote import IndexReadService, RemoteIndex
 class OwnerAndReader(VectorIndex):
     def __init__(self, owner: VectorIndex, model_id: str = "test-model"):
         self.owner = owner
-        self.dim = owner.dim
+        self.dim, self.text_dim = owner.dim, owner.text_dim
         self.service = IndexReadService(lambda m: owner if m == model_id else _unknown(m)).start()
         self.reader = RemoteIndex(self.service.address, model_id, owner.dim)
 
@@ -38,11 +38,11 @@ class OwnerAndReader(VectorIndex):
     def stored_versions(self, item_ids):
         return self.reader.stored_versions(item_ids)
 
-    def search(self, vector, *, limit=10, shards=None, where=None):
-        return self.reader.search(vector, limit=limit, shards=shards, where=where)
+    def search(self, vector, *, limit=10, shards=None, where=None, using="image"):
+        return self.reader.search(vector, limit=limit, shards=shards, where=where, using=using)
 
-    def search_batch(self, vectors, *, limit=10, shards=None, where=None):
-        return self.reader.search_batch(vectors, limit=limit, shards=shards, where=where)
+    def search_batch(self, vectors, *, limit=10, shards=None, where=None, using="image"):
+        return self.reader.search_batch(vectors, limit=limit, shards=shards, where=where, using=using)
 
     def count(self, shard=None):
         return self.reader.count(shard)

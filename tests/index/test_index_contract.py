@@ -307,3 +307,70 @@ def test_concurrent_writers_and_readers(make_index) -> None:
     assert errors == []
     assert ix.count() == 200
     assert ix.search(vecs[123], limit=1)[0].item_id == "i123"
+
+
+# --- the title vector: the second named vector of a point (index/base.py) ------------------------
+
+TEXT_DIM = 8
+
+
+def titled(item_id: str, shard: str, vec: np.ndarray, title_vec: np.ndarray | None, version: int = 1,
+           **payload) -> IndexPoint:
+    return IndexPoint(item_id, shard, vec, payload, version, title_vector=title_vec)
+
+
+def test_title_vectors_are_searched_by_name_beside_the_image(make_index, rng) -> None:
+    ix = make_index(text_dim=TEXT_DIM)
+    assert ix.text_dim == TEXT_DIM
+    v, t = unit(rng, 3), unit(rng, 3, TEXT_DIM)
+    ix.upsert([titled("a", "fruit", v[0], t[0]), titled("b", "fruit", v[1], t[1]),
+               titled("c", "dairy", v[2], None)])  # c: no title, found by image only
+    assert ix.count() == 3
+    hits = ix.search(t[1], limit=3, using="title")
+    assert [h.item_id for h in hits][:1] == ["b"] and {h.item_id for h in hits} == {"a", "b"}
+    assert hits[0].score == pytest.approx(1.0, abs=1e-5) and hits[0].payload["item_id"] == "b"
+    assert ix.search(v[2], limit=1)[0].item_id == "c"  # the image space is unchanged
+    # filters and shards apply as to image search; batches too
+    assert [h.item_id for h in ix.search(t[0], limit=3, using="title", shards=["dairy"])] == []
+    assert ix.search_batch(t[:2], limit=1, using="title") == [
+        ix.search(t[0], limit=1, using="title"), ix.search(t[1], limit=1, using="title")]
+
+
+def test_title_vector_follows_the_point_through_writes(make_index, rng) -> None:
+    ix = make_index(text_dim=TEXT_DIM)
+    v, t = unit(rng, 2), unit(rng, 2, TEXT_DIM)
+    ix.upsert([titled("a", "fruit", v[0], t[0]), titled("b", "fruit", v[1], t[1])])
+    ix.upsert([titled("a", "veg", v[0], t[0], version=2)])  # a move keeps the title vector
+    assert [h.shard for h in ix.search(t[0], limit=1, using="title")] == ["veg"]
+    ix.upsert([titled("a", "veg", v[0], None, version=3)])  # a version without a title has none
+    assert "a" not in {h.item_id for h in ix.search(t[0], limit=2, using="title")}
+    ix.delete(["b"], 4)  # a tombstone has no vector of either name
+    assert ix.search(t[1], limit=2, using="title") == []
+    assert ix.count() == 1
+
+
+def test_title_vectors_are_refused_where_the_index_has_none_or_of_another_size(make_index, rng) -> None:
+    ix = make_index()
+    assert ix.text_dim == 0
+    v, t = unit(rng, 1), unit(rng, 1, TEXT_DIM)
+    with pytest.raises(IndexBackendError, match="no title vectors"):
+        ix.upsert([titled("a", "fruit", v[0], t[0])])
+    with pytest.raises(IndexBackendError):
+        ix.search(t[0], using="title")
+    with pytest.raises(IndexBackendError, match="unknown vector"):
+        ix.search(v[0], using="picture")
+    ix.upsert([pt("a", "fruit", v[0])])
+    ix.close()
+    with pytest.raises(IndexBackendError, match="title vectors"):  # the storage records text_dim
+        make_index(text_dim=TEXT_DIM)
+    assert [r.item_id for r in make_index().retrieve(["a"])] == ["a"]  # and opens as it was made
+
+
+def test_a_title_vector_of_the_wrong_size_is_refused(make_index, rng) -> None:
+    ix = make_index(text_dim=TEXT_DIM)
+    v, t = unit(rng, 1), unit(rng, 1, TEXT_DIM + 1)
+    with pytest.raises(IndexBackendError, match="title vector shape"):
+        ix.upsert([titled("a", "fruit", v[0], t[0])])
+    with pytest.raises(IndexBackendError, match="title vector shape|dimension"):
+        ix.search(t[0], using="title")
+    assert ix.count() == 0

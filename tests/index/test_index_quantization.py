@@ -107,7 +107,7 @@ def test_the_settings_reach_the_backend(monkeypatch, tmp_path, settings, module,
     class Recorder:
         def __init__(self, *args, **options) -> None:
             seen.update(options)
-            self.dim = DIM
+            self.dim, self.text_dim = DIM, 0
 
         def close(self) -> None:
             pass
