@@ -133,7 +133,7 @@ def nn_cosine_distances(
 
 
 def _noise_basis(real: np.ndarray) -> np.ndarray:
-    """A (d, d) matrix B with ``z @ B`` ~ N(0, C) for z ~ N(0, I), C the real vectors' covariance
+    """A (k, d) matrix B, k = min(n, d), with ``z @ B`` ~ N(0, C) for z ~ N(0, I_k), C the real vectors' covariance
     scaled to unit trace. Why shaped noise and not isotropic: the real embeddings fill far fewer
     than 512 directions, and isotropic noise in all 512 would make the filler a much harder (higher
     intrinsic dimension) set for graph search and for the int8 ranges than the real data is."""
@@ -153,7 +153,8 @@ def filler(real: np.ndarray, n: int, sigma: float, *, seed: int = SEED, chunk: i
     for c, start in enumerate(range(0, n, chunk)):
         rng = np.random.default_rng([seed, c])
         anchors = real[rng.integers(0, len(real), chunk)]
-        x = anchors + sigma * (rng.standard_normal((chunk, real.shape[1]), dtype=np.float32) @ basis)
+        # basis has min(n real, d) rows: fewer real vectors than dimensions span fewer directions
+        x = anchors + sigma * (rng.standard_normal((chunk, basis.shape[0]), dtype=np.float32) @ basis)
         m = min(chunk, n - start)
         out[start : start + m] = (x / np.linalg.norm(x, axis=1, keepdims=True))[:m]
     return out

@@ -28,6 +28,14 @@ def test_filler_is_nested_unit_and_near_the_real_vectors(real) -> None:
     assert np.median(qe.nn_cosine_distances(large, real, exclude_self=False)) < 0.1
 
 
+def test_filler_works_with_fewer_real_vectors_than_dimensions(real) -> None:
+    few = real[:20]  # 20 vectors of 64-d: their covariance spans at most 20 directions
+    fill = qe.filler(few, 300, 0.3, chunk=100)
+    assert fill.shape == (300, DIM)
+    np.testing.assert_allclose(np.linalg.norm(fill, axis=1), 1.0, atol=1e-5)
+    assert np.median(qe.nn_cosine_distances(fill, few, exclude_self=False)) < 0.1
+
+
 def test_calibrated_filler_matches_the_real_nn_distances(real) -> None:
     sigma = qe.calibrate_sigma(real, size=3000, sample=200)
     target = np.median(qe.nn_cosine_distances(real, real, exclude_self=True))
