@@ -127,7 +127,9 @@ class EventConsumer(ABC):
 
 class LazyProducer(EventProducer):
     """A producer made on the first ``publish``: a worker whose batches are clean never needs the
-    broker connection it would use for dead letters."""
+    broker connection it would use for dead letters, and an API that only searches starts and
+    serves without a reachable broker. A failure to make it is a ``PublishError`` for that publish
+    (the hook answers 503), and the next publish tries again."""
 
     def __init__(self, factory: Callable[[], EventProducer]) -> None:
         self._factory = factory
@@ -137,7 +139,12 @@ class LazyProducer(EventProducer):
     def _get(self) -> EventProducer:
         with self._lock:
             if self._producer is None:
-                self._producer = self._factory()
+                try:
+                    self._producer = self._factory()
+                except PublishError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - e.g. kafka-python's NoBrokersAvailable
+                    raise PublishError(f"no producer: {type(e).__name__}: {e}") from e
             return self._producer
 
     def publish(self, topic: str, key: str | bytes | None, value: bytes, headers: Headers | None = None) -> None:

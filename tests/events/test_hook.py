@@ -10,7 +10,7 @@ import pytest
 from fastapi import FastAPI
 from pydantic import ValidationError
 
-from events.bus import EventProducer, InMemoryBus, PublishError
+from events.bus import EventProducer, InMemoryBus, LazyProducer, PublishError
 from events.contract import parse_record
 from events.hook import HookSettings, router, secret_problem, sign, signed_headers, verify_signature
 from events.topics import CATALOG_FEATURES, CATALOG_ITEMS
@@ -176,6 +176,27 @@ def test_publish_failure_is_503_and_claims_nothing() -> None:
         r = post(c, [upsert("a1"), upsert("a2")])
     assert r.status_code == 503
     assert "accepted" not in r.json()
+
+
+def test_a_lazy_producer_without_a_broker_is_503_per_call_then_recovers(mem: InMemoryBus) -> None:
+    """The API makes its producer on the first hook call (``LazyProducer``): with no broker the call
+    is 503 and nothing is claimed; once the broker is back, the next call publishes."""
+    attempts = []
+
+    def factory() -> EventProducer:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise ConnectionError("NoBrokersAvailable")  # what kafka-python raises on construction
+        return mem.producer()
+
+    lazy = LazyProducer(factory)
+    assert attempts == []  # made on demand, not at start
+    with TestClient(create_app(producer=lazy, settings=_settings())) as c:
+        first = post(c, [upsert("a1")])
+        second = post(c, [upsert("a1")])
+    assert first.status_code == 503 and "accepted" not in first.json()
+    assert second.status_code == 202 and len(attempts) == 2
+    lazy.close()
 
 
 def test_feature_events_go_to_their_own_topic(client: TestClient, mem: InMemoryBus) -> None:
