@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from events.fields import MAX_ID_LEN, CategoryPart, ImageRef, ItemId, Price, Shop, Title, Version
+from events.fields import MAX_ID_LEN, CategoryPart, Count, ImageRef, ItemId, Price, Shop, Title, Version
 
 __all__ = ["MAX_ID_LEN", "CatalogItem", "ItemFailure"]
 
@@ -25,6 +25,11 @@ class CatalogItem(BaseModel):
     version: Version = Field(default=0, description="monotonic per item; a lower version never overwrites")
     price: Price | None = None
     shop: Shop | None = None
+    stock: Count | None = Field(default=None, description="units on hand; none: not tracked (counts as in stock)")
+
+    @property
+    def in_stock(self) -> bool:
+        return self.stock is None or self.stock > 0
 
     @property
     def shard(self) -> str:

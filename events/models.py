@@ -52,6 +52,7 @@ class ItemUpserted(_Event):
     images: tuple[ImageRef, ...] = Field(min_length=1, max_length=16)
     price: Price | None = None
     shop: Shop | None = None
+    stock: Count | None = Field(default=None, description="units on hand; none: not tracked (counts as in stock)")
 
     def to_item(self) -> CatalogItem:
         return CatalogItem(
@@ -62,6 +63,7 @@ class ItemUpserted(_Event):
             version=self.version,
             price=self.price,
             shop=self.shop,
+            stock=self.stock,
         )
 
 

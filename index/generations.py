@@ -78,25 +78,29 @@ class GenerationManager:
         return self.state().write_targets()
 
     # -- transitions ----------------------------------------------------------------------------
-    def adopt(self, model_id: str, *, name: str, dim: int) -> GenerationState:
+    def adopt(self, model_id: str, *, name: str, dim: int, text_model: str = "", text_dim: int = 0) -> GenerationState:
         """Record ``model_id`` as serving when nothing serves yet (a fresh deployment, or one from
         before generations: its index already lives where ``index.factory`` put it)."""
         with self._lock:
             state = self.state()
             if state.serving not in (None, model_id):
                 raise GenerationError(f"{state.serving!r} already serves; use begin/switch")
-            state = replace(state, serving=model_id,
-                            generations={**state.generations, model_id: Generation(model_id, name, dim)})
+            gen = Generation(model_id, name, dim, text_model, text_dim)
+            state = replace(state, serving=model_id, generations={**state.generations, model_id: gen})
             self.store.point_serving(state)
             return state
 
-    def ensure_serving(self, model_id: str, *, name: str, dim: int) -> GenerationState:
+    def ensure_serving(self, model_id: str, *, name: str, dim: int, text_model: str = "",
+                       text_dim: int = 0) -> GenerationState:
         """The state, with ``model_id`` adopted if nothing serves yet (what a starting worker or API
-        does with its configured model)."""
+        does with its configured model). ``text_model``/``text_dim``: the title vectors' model, for a
+        generation adopted now (one that serves already keeps what it has)."""
         state = self.state()
-        return state if state.serving is not None else self.adopt(model_id, name=name, dim=dim)
+        if state.serving is not None:
+            return state
+        return self.adopt(model_id, name=name, dim=dim, text_model=text_model, text_dim=text_dim)
 
-    def begin(self, model_id: str, *, name: str, dim: int) -> GenerationState:
+    def begin(self, model_id: str, *, name: str, dim: int, text_model: str = "", text_dim: int = 0) -> GenerationState:
         """Start building ``model_id``'s generation. Re-beginning the same one resumes it."""
         with self._lock:
             state = self.state()
@@ -107,10 +111,11 @@ class GenerationManager:
             if state.building not in (None, model_id):
                 raise GenerationError(f"{state.building!r} is being built; abort() it first")
             old = state.generations.get(model_id)
-            if old is not None and old.dim != dim:
-                raise GenerationError(f"generation {model_id!r} exists with dim {old.dim}, not {dim}")
-            state = replace(state, building=model_id,
-                            generations={**state.generations, model_id: Generation(model_id, name, dim)})
+            if old is not None and (old.dim, old.text_dim) != (dim, text_dim):
+                raise GenerationError(f"generation {model_id!r} exists with dim {old.dim} (title {old.text_dim}), "
+                                      f"not {dim} (title {text_dim})")
+            gen = Generation(model_id, name, dim, text_model, text_dim)
+            state = replace(state, building=model_id, generations={**state.generations, model_id: gen})
             self.store.save(state)
             return state
 
@@ -168,7 +173,7 @@ class GenerationManager:
     def opened(self, model_id: str) -> Iterator[VectorIndex]:
         """The shared index of a known generation, for the duration of the block."""
         gen = self.generation(model_id)
-        ix = open_index(self.settings, gen.dim, model_id=model_id)
+        ix = open_index(self.settings, gen.dim, model_id=model_id, text_dim=gen.text_dim)
         try:
             yield ix
         finally:

@@ -19,7 +19,7 @@ from typing import Any
 from index.base import VectorIndex
 from index.factory import open_index
 from index.generations import GenerationManager
-from index.state import GenerationError
+from index.state import Generation, GenerationError
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,7 @@ class ServingHandle:
     model_id: str
     pipeline: Any  # vision.runtime.VisionPipeline (or a test double with model_id/dim)
     index: VectorIndex
+    text: Any = None  # vision.text.TitleEncoder of the generation's title vectors (None: it has none)
     _users: int = 0
     _retired: bool = False
     _closed: bool = False
@@ -38,14 +39,17 @@ class ServingHandle:
 
 class ServingHolder:
     def __init__(self, manager: GenerationManager, pipeline_factory: Callable[[str], Any], *,
-                 index_opener: Callable[[int, str], VectorIndex] | None = None):
-        """``index_opener(dim, model_id)``: how a generation's index is opened (default: ``open_index``
+                 index_opener: Callable[[Generation], VectorIndex] | None = None,
+                 text_factory: Callable[[str], Any] | None = None):
+        """``index_opener(generation)``: how a generation's index is opened (default: ``open_index``
         on the manager's settings; the API passes a ``RemoteIndex`` maker when another process owns
-        the embedded index)."""
+        the embedded index). ``text_factory(text model id)``: the title encoder of a generation
+        with title vectors (None: text queries are not served)."""
         self.manager = manager
         self._factory = pipeline_factory
-        self._open_index = index_opener or (lambda dim, model_id: open_index(manager.settings, dim,
-                                                                              model_id=model_id))
+        self._text_factory = text_factory
+        self._open_index = index_opener or (lambda gen: open_index(manager.settings, gen.dim, model_id=gen.model_id,
+                                                                   text_dim=gen.text_dim))
         self._lock = threading.Lock()
         self._current: ServingHandle | None = None
         self._stop = threading.Event()
@@ -90,8 +94,9 @@ class ServingHolder:
         pipeline = self._factory(gen.name)
         if getattr(pipeline, "model_id", serving) != serving:
             raise GenerationError(f"model {gen.name!r} loads as {pipeline.model_id!r}, generation is {serving!r}")
-        index = self._open_index(gen.dim, serving)
-        new = ServingHandle(serving, pipeline, index)
+        text = self._text_factory(gen.text_model) if gen.text_dim and self._text_factory is not None else None
+        index = self._open_index(gen)
+        new = ServingHandle(serving, pipeline, index, text)
         with self._lock:
             old, self._current = self._current, new  # the swap: one reference assignment
             close_old = old is not None and old._users == 0

@@ -45,6 +45,15 @@ class Generation:
     model_id: str
     name: str  # registry name (pipelines load by name; a switch makes it the registry's active one)
     dim: int
+    # The title vectors' model (vision.text) and size; "" and 0: the generation has none.
+    text_model: str = ""
+    text_dim: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "dim": self.dim}
+        if self.text_dim:
+            out.update(text_model=self.text_model, text_dim=self.text_dim)
+        return out
 
 
 @dataclass(frozen=True)
@@ -62,14 +71,15 @@ class GenerationState:
             "building": self.building,
             "previous": self.previous,
             "switched_at": self.switched_at,
-            "generations": {m: {"name": g.name, "dim": g.dim} for m, g in sorted(self.generations.items())},
+            "generations": {m: g.to_dict() for m, g in sorted(self.generations.items())},
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GenerationState:
         if d.get("format") != _FORMAT:
             raise GenerationError(f"unknown generation state format {d.get('format')!r}")
-        gens = {m: Generation(m, str(g["name"]), int(g["dim"])) for m, g in d.get("generations", {}).items()}
+        gens = {m: Generation(m, str(g["name"]), int(g["dim"]), str(g.get("text_model", "")), int(g.get("text_dim", 0)))
+                for m, g in d.get("generations", {}).items()}
         return cls(d.get("serving"), d.get("building"), d.get("previous"), gens, d.get("switched_at"))
 
     def write_targets(self) -> list[str]:
@@ -180,7 +190,7 @@ class QdrantStore:
             raise GenerationError("point_serving needs a serving generation")
         gen = state.generations[state.serving]
         # An alias must name an existing collection: opening the generation creates it if new.
-        open_index(self.settings, gen.dim, model_id=gen.model_id).close()
+        open_index(self.settings, gen.dim, model_id=gen.model_id, text_dim=gen.text_dim).close()
         ops: list[Any] = []
         if self._alias_target() is not None:
             ops.append(qm.DeleteAliasOperation(delete_alias=qm.DeleteAlias(alias_name=self.alias)))

@@ -32,6 +32,7 @@ class ModelRef:
 
     name: str
     model_id: str
+    text_model: str = ""  # the generation's title vectors' model ("": it has none)
 
 
 @dataclass(frozen=True)
@@ -81,8 +82,10 @@ class WriteTargets:
             gen = state.generations[model_id]
             role = state.role(model_id)
             kept = old.pop(model_id, None)
-            index = kept.index if kept is not None else open_index(self.manager.settings, gen.dim, model_id=model_id)
-            new.append(WriteTarget(ModelRef(gen.name, model_id), index, role, role in self.required_roles))
+            index = (kept.index if kept is not None
+                     else open_index(self.manager.settings, gen.dim, model_id=model_id, text_dim=gen.text_dim))
+            new.append(WriteTarget(ModelRef(gen.name, model_id, gen.text_model), index, role,
+                                   role in self.required_roles))
         for gone in old.values():
             gone.index.close()
         self._targets = new

@@ -685,13 +685,13 @@ class Stack:
         """With the worker stopped: (item id → [(version, title)] per live copy seen, live count,
         payload per id). Scans the live records when the index can (``scan``), else retrieves
         every id ever published; ``count()`` catches copies the scan or retrieve would hide."""
-        from index.factory import open_index
+        from index.generations import GenerationManager
         from index.settings import EdgeIndexSettings
 
-        model_id, dim = self.model()
+        model_id, _ = self.model()
         seen: dict[str, list[tuple[int, str]]] = {}
         payloads: dict[str, dict] = {}
-        with open_index(EdgeIndexSettings(dir=self.data_dir / "index"), dim, model_id=model_id) as index:
+        with GenerationManager(EdgeIndexSettings(dir=self.data_dir / "index")) as mgr, mgr.opened(model_id) as index:
             if hasattr(index, "scan"):
                 records = [r for page in index.scan(batch=512) for r in page]
             else:

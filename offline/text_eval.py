@@ -222,8 +222,52 @@ def encoder_latency(enc: TitleEncoder, texts: Sequence[str], *, single: int = 20
     }
 
 
+def served_eval(items: Sequence[CatalogItem], queries: Sequence, target_ids: Sequence[str], texts: Sequence[str],
+                pipe, enc: TitleEncoder, search, catalog_dir: Path, *, progress: bool = True) -> dict:
+    """The same queries through the served path: the catalog ingested with its title vectors into a
+    fresh embedded index (``workers.pipeline``), then ``query.searcher.Searcher`` with the shipped
+    settings (``search``: routing, the hybrid weight): image alone, text alone, image + text.
+    Unlike the exact figures above, this includes the category routing and the top-K candidate lists."""
+    import tempfile
+
+    from index.edge import EdgeIndex
+    from query.searcher import Searcher
+    from workers.fetch import ImageFetcher
+    from workers.pipeline import ingest_items
+
+    with tempfile.TemporaryDirectory(prefix="text-served-") as tmp:
+        index = EdgeIndex(tmp, pipe.dim, text_dim=enc.dim, model_id=pipe.model_id)
+        try:
+            ingest_items(list(items), index=index, embedder=pipe, titles=enc,
+                         fetcher=ImageFetcher(local_refs=True, object_root=catalog_dir))
+            searcher = Searcher.from_settings(index, pipe, search, text_encoder=enc)
+            hits = {"image_alone": [], "text_alone": [], "image_and_text": []}
+            ms = {k: [] for k in hits}
+            for ph, want, text in tqdm(list(zip(queries, target_ids, texts, strict=True)), desc="served",
+                                       unit="q", disable=not progress):
+                data = Path(ph.path).read_bytes()
+                runs = (("image_alone", searcher.search_bytes, (data,), {}),
+                        ("text_alone", searcher.search_text, (text,), {}),
+                        ("image_and_text", searcher.search_bytes, (data,), {"text": text}))
+                for kind, run, args, kw in runs:
+                    t0 = time.perf_counter()
+                    top = [h.item_id for h in run(*args, limit=5, **kw).hits]
+                    ms[kind].append((time.perf_counter() - t0) * 1000)
+                    hits[kind].append(top.index(want) + 1 if want in top else 99)
+        finally:
+            index.close()
+    out = {}
+    for kind, ranks in hits.items():
+        r = np.array(ranks)
+        out[kind] = {"R@1": round(float(np.mean(r == 1)), 4), "R@5": round(float(np.mean(r <= 5)), 4),
+                     "median_ms": round(statistics.median(ms[kind]), 2)}
+    out["hybrid_image_weight"] = search.hybrid_image_weight
+    return out
+
+
 def text_eval(data: str | Path, split: str, *, cfg, model: str = "", out_dir: str | Path = REPORTS,
-              progress: bool = True, seed: int = 0, repeats: int = 10, latency: bool = True) -> dict:
+              progress: bool = True, seed: int = 0, repeats: int = 10, latency: bool = True,
+              served: bool = True) -> dict:
     from vision.runtime import VisionPipeline
 
     t_start = time.perf_counter()
@@ -307,6 +351,10 @@ def text_eval(data: str | Path, split: str, *, cfg, model: str = "", out_dir: st
     }
     if latency:
         metrics["encoder"] = encoder_latency(enc, titles + list(texts.values()))
+    if served:
+        metrics["served"] = served_eval(items, queries, [items[t].item_id for t in target],
+                                        [texts[f] for f in fine], pipe, enc, cfg.search, ds.catalog_dir,
+                                        progress=progress)
     metrics["seconds"] = round(time.perf_counter() - t_start, 1)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -342,6 +390,12 @@ def format_table(m: dict) -> str:
                  f"{rep['R@1_gain_over_image']['max']:+.3f}); chosen: "
                  + ", ".join(f"{k} x{v}" for k, v in rep["chosen_counts"].items()))
     lines.append(f"  ship: {m['ship']['label']}")
+    if "served" in m:
+        s = m["served"]
+        lines.append(f"  served (index + Searcher, routing, top-K lists; image weight {s['hybrid_image_weight']}):")
+        for kind in ("image_alone", "text_alone", "image_and_text"):
+            lines.append(f"    {kind:<16} R@1 {s[kind]['R@1']:.3f} R@5 {s[kind]['R@5']:.3f}  "
+                         f"median {s[kind]['median_ms']:.1f} ms")
     if "encoder" in m:
         e = m["encoder"]
         lines.append(f"  title encoder: {e['batch1_ms_per_title_median']:.2f} ms/title at batch 1 (p90 "
@@ -364,11 +418,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="the class halves of the 2-fold choice")
     ap.add_argument("--repeats", type=int, default=10, help="seeded halvings for the stability summary")
     ap.add_argument("--no-latency", action="store_true", help="skip the encoder latency measurement")
+    ap.add_argument("--no-served", action="store_true", help="skip the served-path measurement")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
     try:
         m = text_eval(args.data, args.split, cfg=load(ToolConfig), model=args.model, out_dir=args.out,
-                      progress=not args.quiet, seed=args.seed, repeats=args.repeats, latency=not args.no_latency)
+                      progress=not args.quiet, seed=args.seed, repeats=args.repeats, latency=not args.no_latency,
+                      served=not args.no_served)
     except DatasetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

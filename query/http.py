@@ -45,7 +45,7 @@ from query.inputs import BadInput, parse_search
 from query.jobs import BulkSimilarRequest, JobClient, result_path
 from query.metrics import QUERIES, QUERY_ERRORS, REJECTED
 from query.models import MAX_LIMIT, MAX_OBJECTS, ErrorOut, ItemOut, SearchHit, SearchResponse
-from query.searcher import Searcher, UnknownItemError
+from query.searcher import Searcher, TextUnsupportedError, UnknownItemError
 from vision.decode import ImageError
 from workers.fetch import FetchError, ImageFetcher
 
@@ -135,20 +135,27 @@ async def search(request: Request, response: Response, searcher: SearcherDep, ti
     except BadInput as e:
         QUERY_ERRORS.labels(e.reason).inc()
         raise api_error(e.status, e.reason, e.detail) from None
-    if inp.text:
-        raise api_error(422, "text_unsupported", "text and image+text search need the items' title vectors, "
-                        "which this index does not hold yet; send an image without text")
+    text = (inp.text or "").strip() or None
+    if text is not None and not searcher.serves_text:
+        QUERY_ERRORS.labels("text_unsupported").inc()
+        raise api_error(422, "text_unsupported", "text and image+text search need the items' title vectors, which "
+                        "the serving generation does not hold (built without the text model); send an image alone")
     image = inp.image
     if inp.image_url is not None:
         image = await run_in_threadpool(_fetch, fetcher, inp.image_url)
     if image is not None and len(image) > searcher.max_image_bytes:
         raise api_error(413, "too_large", f"the image is {len(image)} bytes; the limit is {searcher.max_image_bytes}")
     try:
-        async with slots.hold():
-            resp = await run_in_threadpool(searcher.search_bytes, image or b"", limit=inp.limit,
-                                           max_objects=inp.objects, filters=inp.filters)
+        if image is None and text is not None:  # text alone: no image to decode, no decode slot
+            resp = await run_in_threadpool(searcher.search_text, text, limit=inp.limit, filters=inp.filters)
+        else:
+            async with slots.hold():
+                resp = await run_in_threadpool(searcher.search_bytes, image or b"", limit=inp.limit,
+                                               max_objects=inp.objects, filters=inp.filters, text=text)
     except ImageError as e:
         raise api_error(422, e.reason, e.detail) from e
+    except TextUnsupportedError as e:
+        raise api_error(422, "text_unsupported", str(e)) from e
     except IndexBackendError as e:
         raise _index_down(e) from e
     resp.request_id = request_id

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from query.models import SearchFilters, SearchRequest
 
 RAW_TYPES = ("image/", "application/octet-stream")
-FORM_FIELDS = ("text", "limit", "objects", "explain", "category", "shop", "price_min", "price_max")
+FORM_FIELDS = ("text", "limit", "objects", "explain", "category", "shop", "price_min", "price_max", "in_stock")
 
 
 class BadInput(ValueError):
@@ -110,7 +110,7 @@ def _from_form(content_type: str, body: bytes, limit: int, objects: int) -> Sear
         data["text"] = fields["text"]
     if "explain" in fields:
         data["explain"] = fields["explain"].lower() in ("1", "true", "yes", "on")
-    filters = {k: fields[k] for k in ("category", "price_min", "price_max") if fields.get(k)}
+    filters = {k: fields[k] for k in ("category", "price_min", "price_max", "in_stock") if fields.get(k)}
     if fields.get("shop"):
         filters["shop"] = [s.strip() for s in fields["shop"].split(",") if s.strip()]
     if filters:

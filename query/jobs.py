@@ -29,7 +29,6 @@ from celery import shared_task
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from index.base import VectorIndex
-from index.factory import open_index
 from query.searcher import CATEGORY_PREFIXES_KEY, similar_to
 from workers.celery_app import SIMILAR_BULK_TASK
 
@@ -102,13 +101,9 @@ def similar_bulk(job_id: str, request: dict[str, Any], jobs_dir: str) -> dict[st
     serving = rt.manager.serving()
     if serving is None:
         raise RuntimeError("no serving generation")
-    gen = rt.manager.generation(serving)
-    index = open_index(rt.manager.settings, gen.dim, model_id=serving)  # the worker's shared handle
-    try:
+    with rt.manager.opened(serving) as index:  # the worker's shared handle
         ids = req.item_ids if req.item_ids is not None else category_items(index, req.category or "")
         counts = write_similar(index, ids, req.limit, result_path(Path(jobs_dir), job_id))
-    finally:
-        index.close()
     return {**counts, "model_id": serving}
 
 

@@ -19,7 +19,10 @@ class SearchHit(BaseModel):
     image: str = Field(default="", description="the image's public URL, or its object key; never a server path")
     price: float | None = None
     shop: str | None = None
+    in_stock: bool | None = Field(default=None, description="null: indexed before stock was recorded")
     duplicates: list[str] = Field(default_factory=list, description="collapsed near-duplicate listings")
+    image_score: float | None = Field(default=None, description="image + text queries: the image cosine")
+    text_score: float | None = Field(default=None, description="image + text queries: the title cosine")
 
 
 class CategoryOut(BaseModel):
@@ -63,6 +66,8 @@ class SearchFilters(BaseModel):
     price_min: float | None = Field(default=None, ge=0, allow_inf_nan=False, description="lowest price (inclusive)")
     price_max: float | None = Field(default=None, ge=0, allow_inf_nan=False, description="highest price (inclusive); "
                                     "items without a price never match a price filter")
+    in_stock: bool | None = Field(default=None, description="true: only items in stock (an item whose stock is not "
+                                  "tracked counts as in stock; one indexed before stock was recorded never matches)")
 
     @field_validator("category")
     @classmethod

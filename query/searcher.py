@@ -1,5 +1,7 @@
 """In-process query pipeline: decode → localize+embed → category vote → shard search → collapse
 near duplicates → (re-rank) → response. The HTTP service and the CLI both call ``Searcher``.
+Text queries search the items' title vectors (``search_text``); an image with text fuses the main
+product's image and title candidates (``_fuse``: a weighted sum of both cosines).
 
 Shard policy (分库检索): the category vote picks the top-level shard; when its probability is at least
 ``shard_min_confidence`` only that shard's candidates are kept, otherwise every shard is searched
@@ -10,12 +12,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Protocol
 
 import numpy as np
 from PIL import Image
 
-from index.base import Range, VectorIndex
+from index.base import ITEM_ID_KEY, TITLE_VECTOR, Range, VectorIndex
 from index.base import SearchHit as IndexHit
 from query.category import DEFAULT_K, CategoryPrediction, predict_category
 from query.metrics import NO_MATCH, QUERY_ERRORS, QUERY_STAGE_SECONDS
@@ -40,6 +43,16 @@ class UnknownItemError(KeyError):
     pass
 
 
+class TextUnsupportedError(RuntimeError):
+    """A text query where the serving generation has no title vectors (or no text model loaded)."""
+
+
+class TextEncoder(Protocol):
+    """Text -> L2-normalised vectors (``vision.text.TitleEncoder``)."""
+
+    def encode(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray: ...
+
+
 # Payload key written at ingest (workers.pipeline): every prefix of the item's category path, parts
 # joined by "/", so a category filter is one exact match inside the index.
 CATEGORY_PREFIXES_KEY = "category_prefixes"
@@ -59,6 +72,8 @@ def restriction(filters: SearchFilters | None) -> tuple[list[str] | None, dict |
         where["shop"] = list(filters.shop)
     if filters.price_min is not None or filters.price_max is not None:
         where["price"] = Range(gte=filters.price_min, lte=filters.price_max)
+    if filters.in_stock:
+        where["in_stock"] = 1
     return shards, where or None
 
 
@@ -77,8 +92,12 @@ class Searcher:
         max_image_pixels: int = 40_000_000,
         image_base_url: str = "",
         no_match_below: float | None = None,
+        text_encoder: TextEncoder | None = None,
+        hybrid_image_weight: float = 0.6,
     ):
         self.index = index
+        self.text_encoder = text_encoder
+        self.hybrid_image_weight = hybrid_image_weight
         self.embedder = embedder
         self.candidate_k = candidate_k
         self.category_k = category_k
@@ -93,11 +112,26 @@ class Searcher:
     @classmethod
     def from_settings(cls, index: VectorIndex, embedder: QueryEmbedder, search: SearchSettings, *,
                       max_image_bytes: int = 20 * 1024 * 1024, max_image_pixels: int = 40_000_000,
-                      reranker: Reranker | None = None) -> Searcher:
+                      reranker: Reranker | None = None, text_encoder: TextEncoder | None = None) -> Searcher:
         return cls(index, embedder, candidate_k=search.candidate_k, category_k=search.category_k,
                    shard_min_confidence=search.shard_min_confidence, classifier_weight=search.classifier_weight,
                    reranker=reranker, max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels,
-                   image_base_url=search.image_base_url, no_match_below=search.no_match_below)
+                   image_base_url=search.image_base_url, no_match_below=search.no_match_below,
+                   text_encoder=text_encoder, hybrid_image_weight=search.hybrid_image_weight)
+
+    @property
+    def serves_text(self) -> bool:
+        """Text and image + text queries need the title encoder and an index with title vectors."""
+        return self.text_encoder is not None and bool(self.index.text_dim)
+
+    def _text_vector(self, text: str) -> np.ndarray:
+        if not self.serves_text:
+            raise TextUnsupportedError("this generation holds no title vectors (no text model when it was "
+                                       "built); re-embed with the text model to serve text queries")
+        t0 = time.perf_counter()
+        vec = self.text_encoder.encode([text])[0]  # type: ignore[union-attr]
+        QUERY_STAGE_SECONDS.labels("embed_text").observe(time.perf_counter() - t0)
+        return vec
 
     # -- entry points -------------------------------------------------------------------------
     def search_bytes(self, data: bytes, **kw) -> SearchResponse:
@@ -121,9 +155,17 @@ class Searcher:
         max_objects: int = 1,
         shards: Sequence[str] | None = None,
         filters: SearchFilters | None = None,
+        text: str | None = None,
     ) -> SearchResponse:
+        """Search every product region of ``image``; with ``text``, the main product's candidates
+        are fused with the title search (``hybrid_image_weight``)."""
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
+        text_vec = None
+        if text is not None and text.strip():
+            text_vec = self._text_vector(text)
+            timings["embed_text"] = (time.perf_counter() - t0) * 1000
+            t0 = time.perf_counter()
         # One extra region: when the main product is a crop, the full photo comes next and both
         # views score the main product (max similarity; +1.4 to +4 points R@1 on val, offline.tune).
         # Several products: one region each from the localizer's product split, the full photo
@@ -145,11 +187,12 @@ class Searcher:
             t1 = time.perf_counter()
             # The classifier head sees the whole photo: it speaks for the main product only.
             probs = getattr(q, "category_probs", None) if n == 0 else None
-            pred, hits = self.search_vectors(q.vectors[rows], limit=limit, shards=shards, classifier=probs,
-                                             where=where)
+            pred, hits, top_image = self._search_product(q.vectors[rows], limit=limit, shards=shards, classifier=probs,
+                                                         where=where, text_vector=text_vec if n == 0 else None)
             search_ms += (time.perf_counter() - t1) * 1000
             region = q.regions[rows[0]]
-            no_match = not hits or (self.no_match_below is not None and hits[0].score < self.no_match_below)
+            # The threshold was calibrated on image cosines: a hybrid query is judged by its image part.
+            no_match = not hits or (self.no_match_below is not None and top_image < self.no_match_below)
             if no_match:
                 NO_MATCH.inc()
             objects.append(
@@ -166,6 +209,31 @@ class Searcher:
         return SearchResponse(model_id=self.embedder.model_id, image_size=image.size, objects=objects,
                               ranker="visual" if self.reranker is None else getattr(self.reranker, "name", "rerank"),
                               timings_ms=timings)
+
+    def search_text(self, text: str, *, limit: int = 10, filters: SearchFilters | None = None) -> SearchResponse:
+        """Search the items' title vectors with ``text`` (scatter-gather over the filters' shards; the
+        title neighbours' category vote is reported, not used to route). No ``no_match``: the
+        threshold is an image one; an empty result only where nothing matches the filters."""
+        t0 = time.perf_counter()
+        vec = self._text_vector(text)
+        timings = {"embed_text": (time.perf_counter() - t0) * 1000}
+        t1 = time.perf_counter()
+        shards, where = restriction(filters)
+        k = max(self.candidate_k, self.category_k, limit)
+        raw = self.index.search(vec, limit=k, shards=shards, where=where, using=TITLE_VECTOR)
+        pred = predict_category(raw, k=self.category_k)
+        searched = sorted({h.shard for h in raw}) if shards is None else list(shards)
+        if self.reranker is not None:
+            raw = self.reranker.rerank(raw)
+        timings["search"] = (time.perf_counter() - t1) * 1000
+        QUERY_STAGE_SECONDS.labels("search").observe(timings["search"] / 1000)
+        hits = _collapse(raw, self.image_base_url)[:limit]
+        if not hits:
+            NO_MATCH.inc()
+        obj = ObjectResult(box=None, region_score=1.0, category=_category_out(pred, searched, False),
+                           no_match=not hits, hits=hits)
+        return SearchResponse(model_id=self.embedder.model_id, objects=[obj], timings_ms=timings,
+                              ranker="visual" if self.reranker is None else getattr(self.reranker, "name", "rerank"))
 
     def item(self, item_id: str) -> ItemOut:
         recs = self.index.retrieve([item_id])
@@ -210,6 +278,21 @@ class Searcher:
         """Search with one or more views of one product; a candidate scores its best view.
         ``classifier``: coarse category -> probability, fused with the neighbours' vote. ``where``:
         payload matches applied inside the index (``restriction``)."""
+        pred, hits, _ = self._search_product(vectors, limit=limit, shards=shards, classifier=classifier, where=where)
+        return pred, hits
+
+    def _search_product(
+        self,
+        vectors: np.ndarray,
+        *,
+        limit: int,
+        shards: Sequence[str] | None,
+        classifier: dict[str, float] | None = None,
+        where: dict | None = None,
+        text_vector: np.ndarray | None = None,
+    ) -> tuple[CategoryOut | None, list[SearchHit], float]:
+        """``search_vectors``, with the title search fused in where ``text_vector`` is given; also
+        the best image cosine among the candidates (what the no-match threshold judges)."""
         k = max(self.candidate_k, self.category_k, limit)
         raw = self._search_max(vectors, k, shards, where)
         pred = predict_category(raw, k=self.category_k, classifier=classifier, alpha=self.classifier_weight)
@@ -222,9 +305,43 @@ class Searcher:
             raw = in_shard
             searched = [pred.shard]
             routed = True
+        top_image = max((h.score for h in raw), default=-1.0)
+        scores: dict[str, tuple[float, float]] = {}
+        if text_vector is not None:
+            raw, scores = self._fuse(vectors, text_vector, raw, k, [pred.shard] if routed else shards, where)
         if self.reranker is not None:
             raw = self.reranker.rerank(raw)
-        return _category_out(pred, searched, routed), _collapse(raw, self.image_base_url)[:limit]
+        hits = _collapse(raw, self.image_base_url)[:limit]
+        for h in hits:
+            if h.item_id in scores:
+                h.image_score, h.text_score = scores[h.item_id]
+        return _category_out(pred, searched, routed), hits, top_image
+
+    def _fuse(self, vectors: np.ndarray, text_vector: np.ndarray, image_hits: list[IndexHit], k: int,
+              shards: Sequence[str] | None, where: dict | None) -> tuple[list[IndexHit], dict[str, tuple[float, float]]]:
+        """Image + title: the union of both candidate lists, each candidate scored
+        ``w * image + (1 - w) * title`` with both cosines exact (the side a candidate was not found
+        on is asked for by id, inside the same shards and filters); no title vector scores 0."""
+        w = self.hybrid_image_weight
+        image = {h.item_id: h for h in image_hits}
+        text_hits = self.index.search(text_vector, limit=k, shards=shards, where=where, using=TITLE_VECTOR)
+        title = {h.item_id: h.score for h in text_hits}
+
+        def only(ids: list[str]) -> dict:
+            return {**(where or {}), ITEM_ID_KEY: ids}
+
+        need_title = [i for i in image if i not in title]
+        if need_title:
+            for h in self.index.search(text_vector, limit=len(need_title), shards=shards, where=only(need_title),
+                                       using=TITLE_VECTOR):
+                title[h.item_id] = h.score
+        need_image = [h.item_id for h in text_hits if h.item_id not in image]
+        if need_image:
+            for h in self._search_max(vectors, len(need_image), shards, only(need_image)):
+                image[h.item_id] = h
+        scores = {i: (h.score, title.get(i, 0.0)) for i, h in image.items()}
+        fused = [replace(h, score=w * h.score + (1 - w) * scores[i][1]) for i, h in image.items()]
+        return sorted(fused, key=lambda h: -h.score), scores
 
 
 def similar_to(index: VectorIndex, item_id: str, *, limit: int = 10, base_url: str = "") -> list[SearchHit]:
@@ -290,6 +407,7 @@ def _collapse(hits: Sequence[IndexHit], base_url: str = "") -> list[SearchHit]:
             image=public_image(h.payload, base_url),
             price=h.payload.get("price"),
             shop=h.payload.get("shop"),
+            in_stock=bool(h.payload["in_stock"]) if "in_stock" in h.payload else None,
         )
         by_group[group] = hit
         # A twin's original may come later in the list: register under its own id as well.

@@ -24,6 +24,9 @@ class SearchSettings(BaseModel):
     # Calibrated for the shipped model on val (python -m offline calibrate, docs/query-calibration.md):
     # products left out of the gallery as negatives, rejection precision 0.90 at recall 0.79, and 8.8 %
     # of in-catalog queries flagged (15 of them wrong anyway). Another model needs its own value.
+    # Why 0.6: docs/text-search.md (val, chosen on one half of the classes and reported on the other).
+    hybrid_image_weight: float = Field(default=0.6, ge=0, le=1, description="image + text queries: a candidate "
+                                       "scores w * image cosine + (1 - w) * title cosine")
     no_match_below: float | None = Field(default=0.39, ge=-1, le=1, description="a product whose best hit "
                                          "scores (cosine) below this is answered no_match (not in the catalog); "
                                          "unset (null): never")

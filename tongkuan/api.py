@@ -77,9 +77,11 @@ def create_app(*, config: ApiConfig | None = None, searcher: Searcher | None = N
             a.state.jobs = job_client(cfg)
         owned_producer = holder = None
         if a.state.event_producer is None:
+            from events.bus import LazyProducer
             from events.kafka import make_producer
 
-            owned_producer = a.state.event_producer = make_producer(cfg.kafka)
+            # made on the first hook call: an API that only searches needs no broker to start
+            owned_producer = a.state.event_producer = LazyProducer(lambda: make_producer(cfg.kafka))
         if a.state.searcher is None and cfg.api.serve_search:
             holder = open_serving(cfg)
             holder.start_refresher(cfg.api.serving_refresh_s)
@@ -173,16 +175,20 @@ def open_serving(cfg: ApiConfig) -> ServingHolder:
     """A holder on the serving generation (the registry's active model adopted on a first start)."""
     from vision.registry import ModelRegistry
     from vision.runtime import VisionPipeline
+    from vision.text import generation_text_model, load_text_model
 
     registry = ModelRegistry(cfg.runtime.model_dir)
     mgr = GenerationManager(cfg.index, activator=registry)
     try:
         entry, _ = registry.resolve(cfg.runtime.model)
-        mgr.ensure_serving(entry.model_id, name=entry.name, dim=entry.dim)
+        text_model, text_dim = generation_text_model(cfg.runtime)
+        mgr.ensure_serving(entry.model_id, name=entry.name, dim=entry.dim, text_model=text_model, text_dim=text_dim)
         owner = cfg.api.index_owner_url
         holder = ServingHolder(mgr, lambda name: VisionPipeline.from_settings(
             cfg.runtime.model_copy(update={"model": name})),
-            index_opener=(lambda dim, model_id: RemoteIndex(owner, model_id, dim)) if owner else None)
+            index_opener=(lambda gen: RemoteIndex(owner, gen.model_id, gen.dim)) if owner else None,
+            text_factory=lambda model_id: load_text_model(cfg.runtime.model_dir, model_id,
+                                                          threads=cfg.runtime.ort_threads))
         holder.refresh()
         return holder
     except Exception:
@@ -206,6 +212,6 @@ def _generation_searcher(holder: ServingHolder, cfg: ApiConfig):
     def dependency(request: Request):
         with holder.use() as h:  # one generation for the whole request
             yield Searcher.from_settings(h.index, h.pipeline, cfg.search, max_image_bytes=cfg.image.max_bytes,
-                                         max_image_pixels=cfg.image.max_pixels)
+                                         max_image_pixels=cfg.image.max_pixels, text_encoder=h.text)
 
     return dependency

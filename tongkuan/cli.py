@@ -47,18 +47,21 @@ def serving(cfg: ToolConfig) -> Iterator:
     from query.searcher import Searcher
     from vision.registry import ModelRegistry
     from vision.runtime import VisionPipeline
+    from vision.text import generation_text_model, load_text_model
 
     registry = ModelRegistry(cfg.runtime.model_dir)
     with GenerationManager(cfg.index, activator=registry) as mgr:
         entry, _ = registry.resolve(cfg.runtime.model)
-        mgr.ensure_serving(entry.model_id, name=entry.name, dim=entry.dim)
+        text_model, text_dim = generation_text_model(cfg.runtime)
+        mgr.ensure_serving(entry.model_id, name=entry.name, dim=entry.dim, text_model=text_model, text_dim=text_dim)
         holder = ServingHolder(mgr, lambda name: VisionPipeline.from_settings(
-            cfg.runtime.model_copy(update={"model": name})))
+            cfg.runtime.model_copy(update={"model": name})),
+            text_factory=lambda model_id: load_text_model(cfg.runtime.model_dir, model_id))
         holder.refresh()
         try:
             with holder.use() as h:
                 yield Searcher.from_settings(h.index, h.pipeline, cfg.search, max_image_bytes=cfg.image.max_bytes,
-                                             max_image_pixels=cfg.image.max_pixels), h.index
+                                             max_image_pixels=cfg.image.max_pixels, text_encoder=h.text), h.index
         finally:
             holder.close()
 
@@ -85,7 +88,8 @@ def cmd_ingest(args, cfg: ToolConfig) -> int:
         bar.update(len(bad))
         targets = rt.targets.current()
         for i in range(0, len(items), batch):
-            part = ingest(items[i: i + batch], targets=targets, embedding=rt.embedding, batch_size=batch)
+            part = ingest(items[i: i + batch], targets=targets, embedding=rt.embedding, batch_size=batch,
+                          titles=rt.titles)
             report.merge(part)
             bar.update(len(items[i: i + batch]))
         for t in targets:

@@ -25,6 +25,9 @@ class RuntimeSettings(BaseModel):
     # Off by default: with the broker, dispatcher and Redis on the same cores, spinning threads steal
     # the CPU they wait for (make bench-ingest: 62.5 -> 71.9 items/s end to end when turned off).
     ort_spinning: bool = Field(default=False, description="let idle ORT threads busy-wait (a dedicated inference box)")
+    text_model: str = Field(default="minilm-l6-v2-text", description="text model of the items' title vectors and "
+                            "of text queries (make model); empty: none. A generation adopted without it has no "
+                            "title vectors (text search answers 422) until a re-embed")
 
 
 class ImageSettings(BaseModel):

@@ -21,6 +21,7 @@ bounds the tokenizer's work on a huge query.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,10 +29,13 @@ import numpy as np
 
 from vision.embedder import default_providers, l2_normalize
 from vision.registry import ModelNotAvailable, sha256_file
+from vision.settings import RuntimeSettings
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "INPUT_IDS", "INPUT_MASK", "MAX_CHARS", "MAX_SEQ_LENGTH", "OUTPUT_EMBEDDING", "TEXT_DIM", "TEXT_MODEL_NAME",
-    "TitleEncoder", "text_model_paths",
+    "TitleEncoder", "describe_text_model", "generation_text_model", "load_text_model", "text_model_paths",
 ]
 
 TEXT_MODEL_NAME = "minilm-l6-v2-text"
@@ -48,6 +52,53 @@ def text_model_paths(model_dir: str | Path, name: str = TEXT_MODEL_NAME) -> tupl
     """(ONNX graph, tokenizer.json, manifest) of the text model ``name`` in ``model_dir``."""
     d = Path(model_dir)
     return d / f"{name}.onnx", d / f"{name}.tokenizer.json", d / f"{name}.json"
+
+
+def _verified(path: str | Path, name: str) -> tuple[dict, str]:
+    """(manifest, onnx sha256) of text model ``name``, both files checked against the manifest."""
+    onnx_path, tok_path, manifest_path = text_model_paths(path, name)
+    for p in (manifest_path, onnx_path, tok_path):
+        if not p.exists():
+            raise ModelNotAvailable(f"text model file {p} is missing; run `make model`")
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    sha = sha256_file(onnx_path)
+    for p, actual, key in ((onnx_path, sha, "onnx_sha256"), (tok_path, sha256_file(tok_path), "tokenizer_sha256")):
+        if actual != manifest.get(key):
+            raise ModelNotAvailable(
+                f"{p} has sha256 {actual[:12]}…, {manifest_path.name} expects "
+                f"{str(manifest.get(key))[:12]}…; run `make model` to rebuild it"
+            )
+    return manifest, sha
+
+
+def describe_text_model(model_dir: str | Path, name: str = TEXT_MODEL_NAME) -> tuple[str, int]:
+    """(model id, dimension) of text model ``name`` without loading it (files verified): what a
+    generation records of its title vectors."""
+    manifest, sha = _verified(model_dir, name)
+    return f"{name}@{sha[:12]}", int(manifest.get("definition", {}).get("dim", TEXT_DIM))
+
+
+def generation_text_model(runtime: RuntimeSettings) -> tuple[str, int]:
+    """(model id, dimension) of the title vectors a generation adopted or built now gets: the
+    configured text model; ``("", 0)`` where none is configured or its files are missing (logged:
+    that generation has no title vectors, and text search answers 422 until a re-embed)."""
+    if not runtime.text_model:
+        return "", 0
+    try:
+        return describe_text_model(runtime.model_dir, runtime.text_model)
+    except ModelNotAvailable as e:
+        log.warning("no title vectors for new generations: %s", e)
+        return "", 0
+
+
+def load_text_model(model_dir: str | Path, model_id: str, *, threads: int = 0) -> TitleEncoder:
+    """The encoder of ``model_id`` (``name@sha``, as a generation records it); refuses files that
+    are now another model: one generation's title vectors never mix two text models."""
+    enc = TitleEncoder.from_dir(model_dir, model_id.split("@", 1)[0], threads=threads)
+    if enc.model_id != model_id:
+        raise ModelNotAvailable(f"text model {model_id!r} is needed (its generation's title vectors), but "
+                                f"{model_dir} holds {enc.model_id!r}: re-embed, or restore that model's files")
+    return enc
 
 
 class TitleEncoder:
@@ -88,18 +139,8 @@ class TitleEncoder:
                  spinning: bool = False) -> TitleEncoder:
         """The text model ``name`` from a model directory (``models/``), both files checked against
         the sha256s in its manifest; a missing or mismatched file says to run ``make model``."""
-        onnx_path, tok_path, manifest_path = text_model_paths(path, name)
-        for p in (manifest_path, onnx_path, tok_path):
-            if not p.exists():
-                raise ModelNotAvailable(f"text model file {p} is missing; run `make model`")
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        sha = sha256_file(onnx_path)
-        for p, actual, key in ((onnx_path, sha, "onnx_sha256"), (tok_path, sha256_file(tok_path), "tokenizer_sha256")):
-            if actual != manifest.get(key):
-                raise ModelNotAvailable(
-                    f"{p} has sha256 {actual[:12]}…, {manifest_path.name} expects "
-                    f"{str(manifest.get(key))[:12]}…; run `make model` to rebuild it"
-                )
+        onnx_path, tok_path, _ = text_model_paths(path, name)
+        manifest, sha = _verified(path, name)
         max_len = int(manifest.get("definition", {}).get("max_seq_length", MAX_SEQ_LENGTH))
         return cls(onnx_path, tok_path, model_id=f"{name}@{sha[:12]}", threads=threads, spinning=spinning,
                    max_seq_length=max_len)

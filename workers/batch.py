@@ -81,7 +81,7 @@ def apply_batch(events: Sequence[Sourced], runtime: WorkerRuntime, *, final_atte
                 letters.append(DeadLetter.of_event(sourced, reason=INVALID_EVENT, detail=str(e)[:500],
                                                    attempts=attempt))
         report = ingest(items, targets=targets, embedding=runtime.embedding,
-                        batch_size=runtime.worker.ingest_batch_size)
+                        batch_size=runtime.worker.ingest_batch_size, titles=runtime.titles)
         now = time.time()
         for item_id in report.indexed:
             metrics.EVENT_TO_SEARCHABLE.labels(op="upsert").observe(max(0.0, now - by_id[item_id].event.event_time))

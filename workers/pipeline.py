@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 
@@ -68,11 +69,26 @@ class IngestReport:
 
 # --- write -------------------------------------------------------------------------------------------
 
+class TitleEmbedder(Protocol):
+    """Titles -> (n, dim) L2-normalised vectors (``vision.text.TitleEncoder``)."""
+
+    model_id: str
+    dim: int
+
+    def encode(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray: ...
+
+
+# A target's text model id -> its title encoder (cached by the caller).
+TitleLoader = Callable[[str], TitleEmbedder]
+
+
 def ingest(items: Sequence[CatalogItem], *, targets: Sequence[WriteTarget], embedding: ChunkEmbedder,
-           batch_size: int = 32) -> IngestReport:
+           batch_size: int = 32, titles: TitleLoader | None = None) -> IngestReport:
     """Index one batch of unique items into every target. Per-item failures (fetch, decode) are
     shared by all targets; a required target that cannot be written raises ``TargetWriteError``,
-    an optional one is counted (``tongkuan_ingest_target_write_failures_total``) and reported."""
+    an optional one is counted (``tongkuan_ingest_target_write_failures_total``) and reported.
+    ``titles``: the title encoders of targets whose generation holds title vectors (a target that
+    holds them and gets none fails like any other write: its items would be unfindable by text)."""
     if len({it.item_id for it in items}) != len(items):
         raise ValueError("ingest takes one entry per item id (coalesce first)")
     report = IngestReport()
@@ -106,7 +122,7 @@ def ingest(items: Sequence[CatalogItem], *, targets: Sequence[WriteTarget], embe
             continue
         vectors = np.concatenate(parts[target.model_id])[rows]
         try:
-            twins = _write(target, [prepared[i] for i in rows], vectors, report.stage_seconds, outcome)
+            twins = _write(target, [prepared[i] for i in rows], vectors, report.stage_seconds, outcome, titles)
         except Exception as e:  # noqa: BLE001 - the policy below decides: fail the batch or count it
             _target_failed(target, e, outcome)
             continue
@@ -117,14 +133,33 @@ def ingest(items: Sequence[CatalogItem], *, targets: Sequence[WriteTarget], embe
     return report
 
 
+def title_vectors(target: WriteTarget, prepared: Sequence[Prepared], titles: TitleLoader | None
+                  ) -> np.ndarray | None:
+    """The items' title vectors for ``target`` (None where its generation holds none)."""
+    if not target.index.text_dim:
+        return None
+    model = target.model.text_model
+    if titles is None or not model:
+        raise TargetWriteError(f"generation {target.model_id} holds title vectors ({model or 'model unknown'}) "
+                               f"but this writer has no title encoder for it")
+    encoder = titles(model)
+    if encoder.model_id != model or encoder.dim != target.index.text_dim:
+        raise TargetWriteError(f"title encoder {encoder.model_id} ({encoder.dim}-d) is not the generation's "
+                               f"{model} ({target.index.text_dim}-d)")
+    return encoder.encode([p.item.title for p in prepared])
+
+
 def _write(target: WriteTarget, prepared: list[Prepared], vectors: np.ndarray, seconds: dict[str, float],
-           outcome: TargetOutcome) -> dict[str, str]:
+           outcome: TargetOutcome, titles: TitleLoader | None = None) -> dict[str, str]:
     timer = Stopwatch(seconds)
+    with timer("title"):
+        title_vecs = title_vectors(target, prepared, titles)
     with timer("dedup"):
         twins = find_twins(prepared, vectors, target.index)
     points = [IndexPoint(item_id=p.item.item_id, shard=p.item.shard, vector=vectors[i], version=p.item.version,
                          payload=item_payload(p.item, md5=p.md5, dhash=p.dhash, model_id=target.model_id,
-                                              duplicate_of=twins.get(p.item.item_id), public_image=p.public))
+                                              duplicate_of=twins.get(p.item.item_id), public_image=p.public),
+                         title_vector=None if title_vecs is None else title_vecs[i])
               for i, p in enumerate(prepared)]
     with timer("upsert"):
         result = target.index.upsert(points)
@@ -182,6 +217,11 @@ def item_payload(item: CatalogItem, *, md5: str, dhash: str, model_id: str, dupl
         payload["price"] = item.price
     if item.shop is not None:
         payload["shop"] = item.shop
+    # An int, not a bool: Qdrant Edge cannot match a bool (index.base); the query side's in-stock
+    # filter matches 1. An item whose stock is not tracked counts as in stock.
+    payload["in_stock"] = int(item.in_stock)
+    if item.stock is not None:
+        payload["stock"] = item.stock
     if duplicate_of is not None:
         payload["duplicate_of"] = duplicate_of
     return payload
@@ -189,19 +229,23 @@ def item_payload(item: CatalogItem, *, md5: str, dhash: str, model_id: str, dupl
 
 # --- one index, one model ---------------------------------------------------------------------------
 
-def single_target(index: VectorIndex, embedder: CatalogEmbedder, name: str = "") -> list[WriteTarget]:
-    """One serving target; ``name``: the model's registry name (what embedding processes load)."""
-    return [WriteTarget(ModelRef(name or embedder.model_id, embedder.model_id), index)]
+def single_target(index: VectorIndex, embedder: CatalogEmbedder, name: str = "",
+                  titles: TitleEmbedder | None = None) -> list[WriteTarget]:
+    """One serving target; ``name``: the model's registry name (what embedding processes load);
+    ``titles``: the title encoder, where the index holds title vectors."""
+    text_model = titles.model_id if titles is not None else ""
+    return [WriteTarget(ModelRef(name or embedder.model_id, embedder.model_id, text_model), index)]
 
 
 def ingest_items(items: Sequence[CatalogItem], *, index: VectorIndex, embedder: CatalogEmbedder,
                  fetcher: ImageFetcher, max_pixels: int = 40_000_000, batch_size: int = 32, streams: int = 1,
-                 prefetch: bool = True) -> IngestReport:
-    """``ingest`` into one index with one model; several rows of one item: ``latest_items`` decides."""
+                 prefetch: bool = True, titles: TitleEmbedder | None = None) -> IngestReport:
+    """``ingest`` into one index with one model; several rows of one item: ``latest_items`` decides.
+    ``titles``: the title encoder, required where the index holds title vectors."""
     embedding = LocalEmbedding.single(embedder, fetcher, max_pixels=max_pixels, batch_size=batch_size,
                                       streams=streams, prefetch=prefetch)
-    return ingest(latest_items(items), targets=single_target(index, embedder), embedding=embedding,
-                  batch_size=batch_size)
+    return ingest(latest_items(items), targets=single_target(index, embedder, titles=titles), embedding=embedding,
+                  batch_size=batch_size, titles=None if titles is None else (lambda _model: titles))
 
 
 def delete_items(item_ids: Sequence[str], *, index: VectorIndex, versions: Sequence[int] | None = None
@@ -212,7 +256,8 @@ def delete_items(item_ids: Sequence[str], *, index: VectorIndex, versions: Seque
 
 def ingest_stream(rows: Iterable[CatalogItem | ItemFailure], *, index: VectorIndex, embedder: CatalogEmbedder,
                   fetcher: ImageFetcher, max_pixels: int = 40_000_000, batch_size: int = 32,
-                  on_batch: Callable[[IngestReport, int], None] | None = None) -> IngestReport:
+                  on_batch: Callable[[IngestReport, int], None] | None = None,
+                  titles: TitleEmbedder | None = None) -> IngestReport:
     """Ingest a whole catalog in batches (``read_catalog`` output: items and bad rows)."""
     total = IngestReport()
     batch: list[CatalogItem] = []
@@ -221,7 +266,7 @@ def ingest_stream(rows: Iterable[CatalogItem | ItemFailure], *, index: VectorInd
         if not batch:
             return
         part = ingest_items(batch, index=index, embedder=embedder, fetcher=fetcher,
-                            max_pixels=max_pixels, batch_size=batch_size)
+                            max_pixels=max_pixels, batch_size=batch_size, titles=titles)
         total.merge(part)
         if on_batch is not None:
             on_batch(part, len(batch))

@@ -68,12 +68,19 @@ def reembed_items(items: Sequence[CatalogItem], *, model_name: str, runtime: Wor
     if pipe.model_id not in (state.building, state.serving):
         log.warning("reembed batch for %s skipped: not a building/serving generation", pipe.model_id)
         return {"indexed": [], "stale": [], "already": [], "failures": [], "skipped": [it.item_id for it in items]}
+    gen = runtime.manager.generation(pipe.model_id)
+    titles = None
+    if gen.text_dim:
+        if runtime.titles is None:
+            raise RuntimeError(f"generation {gen.model_id} holds title vectors but this runtime has no title encoders")
+        titles = runtime.titles(gen.text_model)
     with runtime.manager.opened(pipe.model_id) as ix:
         stored = ix.stored_versions([it.item_id for it in items])
         todo = [it for it in items if stored.get(it.item_id, -1) < it.version]
         already = [it.item_id for it in items if stored.get(it.item_id, -1) >= it.version]
         report = ingest_items(todo, index=ix, embedder=pipe, fetcher=runtime.fetcher,
-                              max_pixels=runtime.image.max_pixels, batch_size=runtime.worker.ingest_batch_size)
+                              max_pixels=runtime.image.max_pixels, batch_size=runtime.worker.ingest_batch_size,
+                              titles=titles)
         ix.flush()
     return {"indexed": report.indexed, "stale": report.stale, "already": already,
             "failures": [f.model_dump() for f in report.failures], "skipped": []}
@@ -151,7 +158,7 @@ def reembed(
         log.info("%s already serves; nothing to do", new.model_id)
         rep.switched, rep.seconds = True, time.perf_counter() - t0
         return rep
-    mgr.begin(new.model_id, name=new_model, dim=new.dim)
+    mgr.begin(new.model_id, name=new_model, dim=new.dim, text_model=runtime.text_model, text_dim=runtime.text_dim)
     failures: dict[str, ItemFailure] = {}
 
     with mgr.opened(old_id) as src, mgr.opened(new.model_id) as dst:

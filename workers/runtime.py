@@ -28,11 +28,13 @@ from index.settings import IndexSettings
 from index.state import GenerationError
 from index.targets import ModelRef, WriteTargets
 from vision.settings import ImageSettings, RuntimeSettings
+from vision.text import TitleEncoder, generation_text_model, load_text_model
 from workers.cpu import limit_blas_threads, model_runs_at_once, shared_cores
 from workers.embed_pool import EmbedPool
 from workers.embedders import default_name, describe_model, load_embedder
 from workers.embedding import CatalogEmbedder, ChunkEmbedder, LocalEmbedding
 from workers.fetch import FetchSettings, ImageFetcher
+from workers.pipeline import TitleLoader
 from workers.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -48,6 +50,11 @@ class WorkerRuntime:
     embedding: ChunkEmbedder
     load: Callable[[str], CatalogEmbedder]  # a model's embedder in this process, by registry name
     dead_letters: Publisher
+    # Title vectors: the text model a generation begun now gets ("" / 0: none), and the encoders of
+    # the generations' text models in this process (vision.text), loaded on first use.
+    text_model: str = ""
+    text_dim: int = 0
+    titles: TitleLoader | None = None
     writes_since_optimize: int = 0
     _closers: list[Callable[[], None]] = field(default_factory=list)
 
@@ -86,7 +93,8 @@ def build_runtime(*, worker: WorkerSettings, runtime: RuntimeSettings, image: Im
     try:
         name = default_name(worker.embedder, runtime)
         model_id, dim = describe_model(worker.embedder, runtime, name)
-        manager.ensure_serving(model_id, name=name, dim=dim)
+        text_model, text_dim = generation_text_model(runtime)
+        manager.ensure_serving(model_id, name=name, dim=dim, text_model=text_model, text_dim=text_dim)
         targets = WriteTargets(manager)
         closers.append(targets.close)
         if worker.index_read_port:
@@ -121,11 +129,26 @@ def build_runtime(*, worker: WorkerSettings, runtime: RuntimeSettings, image: Im
                                        prefetch=worker.tasks_at_once == 1)
         closers.append(getattr(dead_letters, "close", lambda: None))
         return WorkerRuntime(worker=worker, image=image, manager=manager, targets=targets, fetcher=fetcher,
-                             embedding=embedding, load=load, dead_letters=dead_letters, _closers=closers)
+                             embedding=embedding, load=load, dead_letters=dead_letters, text_model=text_model,
+                             text_dim=text_dim, titles=title_loader(runtime), _closers=closers)
     except Exception:
         for close in reversed(closers):
             close()
         raise
+
+
+def title_loader(runtime: RuntimeSettings) -> TitleLoader:
+    """Title encoders by text model id, each loaded once per process (thread-safe)."""
+    encoders: dict[str, TitleEncoder] = {}
+    lock = threading.Lock()
+
+    def load(model_id: str) -> TitleEncoder:
+        with lock:
+            if model_id not in encoders:
+                encoders[model_id] = load_text_model(runtime.model_dir, model_id, threads=runtime.ort_threads)
+            return encoders[model_id]
+
+    return load
 
 
 def serve_index_reads(manager: GenerationManager, host: str, port: int) -> IndexReadService:
@@ -145,7 +168,7 @@ def serve_index_reads(manager: GenerationManager, host: str, port: int) -> Index
                     gone.close()
                 raise UnknownGeneration(str(e)) from e
             if model_id not in held:
-                held[model_id] = open_index(manager.settings, gen.dim, model_id=model_id)
+                held[model_id] = open_index(manager.settings, gen.dim, model_id=model_id, text_dim=gen.text_dim)
             return held[model_id]
 
     def release() -> None:

@@ -48,10 +48,11 @@ def stack(tmp_path_factory):
                        index=EdgeIndexSettings(dir=tmp / "index"), fetch=FetchSettings(), dead_letters=InMemoryBus().producer())
     serving = rt.manager.serving()
     gen = rt.manager.generation(serving)
-    index = open_index(rt.manager.settings, gen.dim, model_id=serving)
+    index = open_index(rt.manager.settings, gen.dim, model_id=serving, text_dim=gen.text_dim)
     embedder = rt.load(gen.name)
     ingest_stream(read_catalog(FRUIT), index=index, embedder=embedder,
-                  fetcher=ImageFetcher(object_root=FRUIT, local_refs=True))
+                  fetcher=ImageFetcher(object_root=FRUIT, local_refs=True),
+                  titles=rt.titles(gen.text_model) if gen.text_dim else None)
     url = f"redis://127.0.0.1:6379/{DB}"
     queue = f"tongkuan-test-{uuid.uuid4().hex[:8]}"
     app = celery_app(celery_config(CelerySettings(broker_url=url, queue=queue)))

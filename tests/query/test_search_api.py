@@ -6,7 +6,7 @@ non-image body 422 ``unsupported``; corrupt 422 ``corrupt``; empty 422 ``empty``
 bad JSON 400 ``bad_json``; bad base64 422 ``bad_base64``; unknown or out-of-range fields, a blank
 category part 422 ``invalid_request``; a multipart form without an image 422 ``missing_image``;
 another content type 415; a private or non-http(s) image URL 422 ``private_address`` /
-``bad_scheme``, its server failing 502 ``http_unavailable``; text 422 ``text_unsupported`` (no title vectors yet); an unknown item 404
+``bad_scheme``, its server failing 502 ``http_unavailable``; text 422 ``text_unsupported`` (this index has no title vectors); an unknown item 404
 ``unknown_item``; no key 401. A burst of each leaves the server answering and its memory flat.
 """
 
@@ -45,7 +45,9 @@ TWIN = "Apple/Pink-Lady~shop-b"  # the same picture listed again: a near duplica
 def app_and_key(tmp_path_factory, pipeline):
     index = EdgeIndex(tmp_path_factory.mktemp("idx"), pipeline.dim, model_id=pipeline.model_id)
     items = [r for r in read_catalog(FRUIT) if hasattr(r, "item_id")]
-    items = [it.model_copy(update={"shop": "shop-a" if n % 2 else "shop-b", "price": 1.0 + n})
+    # stock: every third item sold out, every third one with units, the rest not tracked
+    items = [it.model_copy(update={"shop": "shop-a" if n % 2 else "shop-b", "price": 1.0 + n,
+                                   "stock": (0, 5, None)[n % 3]})
              for n, it in enumerate(items)]
     pink = next(it for it in items if it.item_id == "Apple/Pink-Lady")
     items.append(pink.model_copy(update={"item_id": TWIN, "shop": "shop-b"}))
@@ -161,6 +163,15 @@ def test_filters_apply_inside_the_index(client):
     r = client.post("/v1/search", json={"image_base64": img, "filters": {"category": "Dairy"}})
     obj = r.json()["objects"][0]
     assert r.status_code == 200 and obj["hits"] == [] and obj["no_match"] is True
+    everything = client.post("/v1/search", json={"image_base64": img, "limit": 40}).json()["objects"][0]["hits"]
+    assert {h["in_stock"] for h in everything} == {True, False}  # sold out (stock 0) vs 5 or not tracked
+    r = client.post("/v1/search", json={"image_base64": img, "limit": 40, "filters": {"in_stock": True}})
+    stocked = r.json()["objects"][0]["hits"]
+    assert stocked and all(h["in_stock"] for h in stocked)
+    assert {h["item_id"] for h in stocked} == {h["item_id"] for h in everything if h["in_stock"]}
+    form = client.post("/v1/search?limit=40", files={"image": ("p.jpg", PINK.read_bytes(), "image/jpeg")},
+                       data={"in_stock": "true"})
+    assert [h["item_id"] for h in form.json()["objects"][0]["hits"]] == [h["item_id"] for h in stocked]
 
 
 def test_no_match_below_the_threshold(client, app_and_key):

@@ -18,7 +18,7 @@ import pytest
 
 from events.kafka import KafkaEventConsumer, create_topics
 from events.models import ItemDeleted, ItemUpserted
-from index.factory import open_index
+from index.generations import GenerationManager
 from index.settings import EdgeIndexSettings
 from tests.events.conftest import drain, unique
 from tests.workers.conftest import BROKER
@@ -123,6 +123,6 @@ def test_real_worker_applies_a_batch(worker, redis_db, kafka_settings):
     log = worker["log"].read_text()
     assert "model warmed up" in log
     settings = EdgeIndexSettings(dir=worker["tmp"] / "var" / "index")
-    with open_index(settings, ThumbnailEmbedder.dim, model_id=ThumbnailEmbedder.model_id) as index:
+    with GenerationManager(settings) as mgr, mgr.opened(ThumbnailEmbedder.model_id) as index:
         assert {r.item_id: r.version for r in index.retrieve(["red", "blue", "junk"])} == {"red": 1, "blue": 3}
         assert index.stored_versions(["never-seen"]) == {"never-seen": 2}
