@@ -40,8 +40,9 @@ from pydantic import (
 from events.contract import JsonError, describe, loads
 from events.fields import Amount, CategoryPart, Count, EventTime, ItemId, Price, Shop
 from events.models import ItemDeleted, ItemFeaturesUpdated, ItemUpserted
+from events.topics import SEARCH_INTERACTIONS
 
-INTERACTIONS_TOPIC = "search.interactions"
+INTERACTIONS_TOPIC = SEARCH_INTERACTIONS  # keyed by request id (events.topics)
 
 # Reason codes.
 MALFORMED_JSON = "malformed_json"

@@ -160,7 +160,9 @@ def services(a: argparse.Namespace, bootstrap: str, hook_secret: str) -> list[Se
                 {**common, "TONGKUAN_HOOK__SECRET": hook_secret,
                  # The embedded index belongs to the worker (one process per Edge index): search
                  # embeds here and sends the vectors to the worker's index read service.
-                 "TONGKUAN_API__INDEX_OWNER_URL": f"http://127.0.0.1:{a.index_read_port}"}),
+                 "TONGKUAN_API__INDEX_OWNER_URL": f"http://127.0.0.1:{a.index_read_port}",
+                 # impressions and feedback on the broker (search.interactions), feedback checked in Redis
+                 "TONGKUAN_INTERACTIONS__SINK": "kafka", "TONGKUAN_INTERACTIONS__LEDGER": "redis"}),
     ]
 
 

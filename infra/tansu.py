@@ -30,12 +30,12 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from events.kafka import KafkaSettings, create_topics
-from events.topics import CATALOG_FEATURES, CATALOG_ITEMS, CATALOG_ITEMS_DLQ
+from events.topics import CATALOG_FEATURES, CATALOG_ITEMS, CATALOG_ITEMS_DLQ, SEARCH_INTERACTIONS
 from infra.stack import pid_alive as _pid_alive  # zombies of ours count as gone
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_STATE_DIR = REPO_ROOT / "var" / "tansu"
-DEFAULT_TOPICS: dict[str, int] = {CATALOG_ITEMS: 3, CATALOG_FEATURES: 3, CATALOG_ITEMS_DLQ: 1}
+DEFAULT_TOPICS: dict[str, int] = {CATALOG_ITEMS: 3, CATALOG_FEATURES: 3, CATALOG_ITEMS_DLQ: 1, SEARCH_INTERACTIONS: 3}
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -13,6 +13,9 @@ errors to ``{error, reason, detail}`` (``query.errors``).
   ``index_unavailable`` when the index (or its owning process) does not answer.
 * ``GET /v1/items/{item_id}`` — the indexed listing; ``GET /v1/items/{item_id}/similar?limit=`` —
   for recommenders, without the item and its near duplicates. 404 ``unknown_item``.
+* ``POST /v1/feedback`` — a click, add-to-cart or order against a search's request id
+  (``query.interactions``; every search also records what it showed). 404 ``unknown_request``, 422
+  ``not_shown`` / ``invalid_request``, 503 ``interactions_off`` / ``interactions_unavailable``.
 * ``POST /v1/similar/bulk`` — a job over ids or a category (``query.jobs``), 202 with its id;
   ``GET /v1/jobs/{id}`` its status, ``GET /v1/jobs/{id}/result`` the JSONL. 404 ``unknown_job``,
   409 ``not_ready``, 503 ``queue_unavailable``.
@@ -35,6 +38,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
+from pydantic import ValidationError
 
 from events.fields import UnsupportedScheme, normalize_ref
 from index.base import IndexBackendError
@@ -42,9 +46,19 @@ from query.access import require
 from query.body import BodyTimeouts, read_body
 from query.errors import api_error
 from query.inputs import BadInput, parse_search
+from query.interactions import Interactions, NotShown, UnknownRequest, query_id
 from query.jobs import BulkSimilarRequest, JobClient, result_path
 from query.metrics import QUERIES, QUERY_ERRORS, REJECTED
-from query.models import MAX_LIMIT, MAX_OBJECTS, ErrorOut, ItemOut, SearchHit, SearchResponse
+from query.models import (
+    MAX_LIMIT,
+    MAX_OBJECTS,
+    ErrorOut,
+    FeedbackOut,
+    FeedbackRequest,
+    ItemOut,
+    SearchHit,
+    SearchResponse,
+)
 from query.searcher import Searcher, TextUnsupportedError, UnknownItemError
 from vision.decode import ImageError
 from workers.fetch import FetchError, ImageFetcher
@@ -99,6 +113,10 @@ def get_url_fetcher(request: Request) -> ImageFetcher:
     return _started(request, "url_fetcher")
 
 
+def get_interactions(request: Request) -> Interactions | None:
+    return getattr(request.app.state, "interactions", None)
+
+
 def get_jobs(request: Request) -> JobClient:
     return _started(request, "jobs")
 
@@ -115,6 +133,7 @@ BodyTimeoutsDep = Annotated[BodyTimeouts, Depends(get_body_timeouts)]
 DecodeSlotsDep = Annotated[DecodeSlots, Depends(get_decode_slots)]
 FetcherDep = Annotated[ImageFetcher, Depends(get_url_fetcher)]
 JobsDep = Annotated[JobClient, Depends(get_jobs)]
+InteractionsDep = Annotated[Interactions | None, Depends(get_interactions)]
 LimitQ = Annotated[int, Query(ge=1, le=MAX_LIMIT)]
 # base64 makes a photo 4/3 larger; the JSON around it is small
 _JSON_OVERHEAD = 64 * 1024
@@ -122,7 +141,7 @@ _JSON_OVERHEAD = 64 * 1024
 
 @router.post("/search", response_model=SearchResponse)
 async def search(request: Request, response: Response, searcher: SearcherDep, timeouts: BodyTimeoutsDep,
-                 slots: DecodeSlotsDep, fetcher: FetcherDep, limit: LimitQ = 10,
+                 slots: DecodeSlotsDep, fetcher: FetcherDep, interactions: InteractionsDep, limit: LimitQ = 10,
                  objects: Annotated[int, Query(ge=1, le=MAX_OBJECTS)] = 1) -> SearchResponse:
     QUERIES.labels("search").inc()
     request_id = uuid.uuid4().hex
@@ -151,7 +170,8 @@ async def search(request: Request, response: Response, searcher: SearcherDep, ti
         else:
             async with slots.hold():
                 resp = await run_in_threadpool(searcher.search_bytes, image or b"", limit=inp.limit,
-                                               max_objects=inp.objects, filters=inp.filters, text=text)
+                                               max_objects=inp.objects, filters=inp.filters, text=text,
+                                               explain=inp.explain)
     except ImageError as e:
         raise api_error(422, e.reason, e.detail) from e
     except TextUnsupportedError as e:
@@ -159,7 +179,32 @@ async def search(request: Request, response: Response, searcher: SearcherDep, ti
     except IndexBackendError as e:
         raise _index_down(e) from e
     resp.request_id = request_id
+    if interactions is not None:  # never fails the search (query.interactions)
+        await run_in_threadpool(interactions.shown, resp, query_id(image, text))
     return resp
+
+
+@router.post("/feedback", response_model=FeedbackOut, status_code=202)
+def feedback(body: FeedbackRequest, interactions: InteractionsDep) -> FeedbackOut:
+    """Record a click, add-to-cart or order against a search's request id (``search.interactions``)."""
+    QUERIES.labels("feedback").inc()
+    if interactions is None:
+        raise api_error(503, "interactions_off", "this process records no interactions "
+                        "(TONGKUAN_INTERACTIONS__SINK=off)")
+    try:
+        event = interactions.engaged(body.request_id, body.item_id, body.kind, amount=body.amount,
+                                     event_id=body.event_id, event_time=body.event_time)
+    except UnknownRequest:
+        raise api_error(404, "unknown_request", f"no recent search {body.request_id!r} (unknown, or older than "
+                        "the ledger keeps)") from None
+    except NotShown as e:
+        raise api_error(422, "not_shown", str(e)) from None
+    except ValidationError as e:
+        raise api_error(422, "invalid_request", "; ".join(err["msg"] for err in e.errors())) from None
+    except Exception as e:  # noqa: BLE001 - the sink refused: nothing was recorded, the caller may retry
+        QUERY_ERRORS.labels("interactions_unavailable").inc()
+        raise api_error(503, "interactions_unavailable", f"{type(e).__name__}: {e}") from None
+    return FeedbackOut(event_id=event.event_id, request_id=event.request_id, kind=event.kind)
 
 
 def _fetch(fetcher: ImageFetcher, url: str) -> bytes:

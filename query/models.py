@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -23,6 +23,8 @@ class SearchHit(BaseModel):
     duplicates: list[str] = Field(default_factory=list, description="collapsed near-duplicate listings")
     image_score: float | None = Field(default=None, description="image + text queries: the image cosine")
     text_score: float | None = Field(default=None, description="image + text queries: the title cosine")
+    contributions: dict[str, float] | None = Field(default=None, description="explain: the re-ranker's "
+                                                   "per-feature contributions to this hit's score")
 
 
 class CategoryOut(BaseModel):
@@ -40,6 +42,10 @@ class ObjectResult(BaseModel):
     no_match: bool = Field(default=False, description="the best hit scores below the no-match threshold: "
                            "this product is probably not in the catalog (hits are the closest, not matches)")
     hits: list[SearchHit]
+    ranker: str = Field(default="visual", description="what ordered these hits: visual, a re-ranker model "
+                        "(lightgbm:<version>), or visual-fallback (the re-ranker could not)")
+    ranker_fallback: str | None = Field(default=None, description="why the re-ranker fell back: no_model, "
+                                        "features_unavailable, error")
 
 
 class SearchResponse(BaseModel):
@@ -111,6 +117,27 @@ class SearchRequest(BaseModel):
         if self.image_base64 is None and self.image_url is None and not (self.text or "").strip():
             raise ValueError("nothing to search: give image_base64, image_url or text")
         return self
+
+
+class FeedbackRequest(BaseModel):
+    """``POST /v1/feedback``: what a shopper did with one result of a search."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str = Field(min_length=1, max_length=256, description="the search's request_id (X-Request-ID)")
+    item_id: str = Field(min_length=1, max_length=512, description="one of the items that search showed")
+    kind: Literal["click", "add_to_cart", "order"]
+    amount: float | None = Field(default=None, ge=0, le=1e9, allow_inf_nan=False, description="orders only: "
+                                 "the order's value")
+    event_id: str | None = Field(default=None, min_length=1, max_length=128, description="idempotency key: a "
+                                 "retried call with the same id counts once downstream (default: a new id)")
+    event_time: float | None = Field(default=None, description="unix seconds when it happened (default: now)")
+
+
+class FeedbackOut(BaseModel):
+    event_id: str
+    request_id: str
+    kind: str
 
 
 class ItemOut(BaseModel):

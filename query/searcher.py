@@ -33,10 +33,19 @@ class QueryEmbedder(Protocol):
     def embed_query(self, image: Image.Image, *, max_regions: int = 3, multi_object: bool = False): ...
 
 
-class Reranker(Protocol):
-    """Re-orders visual candidates (the LightGBM quality re-ranker plugs in here)."""
+class RerankOutcome(Protocol):
+    hits: list[IndexHit]
+    ranker: str  # what ordered them: a model version, or "visual-fallback"
+    fallback_reason: str | None  # why the model did not (no_model, features_unavailable, error)
 
-    def rerank(self, hits: list[IndexHit]) -> list[IndexHit]: ...
+
+class Reranker(Protocol):
+    """Re-orders visual candidates (``rerank.LightGBMReranker``): offers of the right product first,
+    by quality. ``category``: the query's predicted category (a feature)."""
+
+    def rerank_with_info(self, hits: list[IndexHit], *, category: str | None = None) -> RerankOutcome: ...
+
+    def explain(self, hits: list[IndexHit], *, category: str | None = None) -> list: ...
 
 
 class UnknownItemError(KeyError):
@@ -156,9 +165,11 @@ class Searcher:
         shards: Sequence[str] | None = None,
         filters: SearchFilters | None = None,
         text: str | None = None,
+        explain: bool = False,
     ) -> SearchResponse:
         """Search every product region of ``image``; with ``text``, the main product's candidates
-        are fused with the title search (``hybrid_image_weight``)."""
+        are fused with the title search (``hybrid_image_weight``). ``explain``: each hit the
+        re-ranker ordered carries its per-feature contributions."""
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         text_vec = None
@@ -187,8 +198,9 @@ class Searcher:
             t1 = time.perf_counter()
             # The classifier head sees the whole photo: it speaks for the main product only.
             probs = getattr(q, "category_probs", None) if n == 0 else None
-            pred, hits, top_image = self._search_product(q.vectors[rows], limit=limit, shards=shards, classifier=probs,
-                                                         where=where, text_vector=text_vec if n == 0 else None)
+            pred, hits, top_image, ranked = self._search_product(
+                q.vectors[rows], limit=limit, shards=shards, classifier=probs, where=where,
+                text_vector=text_vec if n == 0 else None, explain=explain)
             search_ms += (time.perf_counter() - t1) * 1000
             region = q.regions[rows[0]]
             # The threshold was calibrated on image cosines: a hybrid query is judged by its image part.
@@ -202,13 +214,14 @@ class Searcher:
                     category=pred,
                     no_match=no_match,
                     hits=hits,
+                    ranker=ranked[0],
+                    ranker_fallback=ranked[1],
                 )
             )
         timings["search"] = search_ms
         QUERY_STAGE_SECONDS.labels("search").observe(search_ms / 1000)
         return SearchResponse(model_id=self.embedder.model_id, image_size=image.size, objects=objects,
-                              ranker="visual" if self.reranker is None else getattr(self.reranker, "name", "rerank"),
-                              timings_ms=timings)
+                              ranker=objects[0].ranker if objects else "visual", timings_ms=timings)
 
     def search_text(self, text: str, *, limit: int = 10, filters: SearchFilters | None = None) -> SearchResponse:
         """Search the items' title vectors with ``text`` (scatter-gather over the filters' shards; the
@@ -223,8 +236,6 @@ class Searcher:
         raw = self.index.search(vec, limit=k, shards=shards, where=where, using=TITLE_VECTOR)
         pred = predict_category(raw, k=self.category_k)
         searched = sorted({h.shard for h in raw}) if shards is None else list(shards)
-        if self.reranker is not None:
-            raw = self.reranker.rerank(raw)
         timings["search"] = (time.perf_counter() - t1) * 1000
         QUERY_STAGE_SECONDS.labels("search").observe(timings["search"] / 1000)
         hits = _collapse(raw, self.image_base_url)[:limit]
@@ -232,8 +243,8 @@ class Searcher:
             NO_MATCH.inc()
         obj = ObjectResult(box=None, region_score=1.0, category=_category_out(pred, searched, False),
                            no_match=not hits, hits=hits)
-        return SearchResponse(model_id=self.embedder.model_id, objects=[obj], timings_ms=timings,
-                              ranker="visual" if self.reranker is None else getattr(self.reranker, "name", "rerank"))
+        # in title order: the re-ranker was trained on image cosines (docs/rerank.md)
+        return SearchResponse(model_id=self.embedder.model_id, objects=[obj], timings_ms=timings, ranker="visual")
 
     def item(self, item_id: str) -> ItemOut:
         recs = self.index.retrieve([item_id])
@@ -278,7 +289,8 @@ class Searcher:
         """Search with one or more views of one product; a candidate scores its best view.
         ``classifier``: coarse category -> probability, fused with the neighbours' vote. ``where``:
         payload matches applied inside the index (``restriction``)."""
-        pred, hits, _ = self._search_product(vectors, limit=limit, shards=shards, classifier=classifier, where=where)
+        pred, hits, _, _ = self._search_product(vectors, limit=limit, shards=shards, classifier=classifier,
+                                                where=where)
         return pred, hits
 
     def _search_product(
@@ -290,9 +302,11 @@ class Searcher:
         classifier: dict[str, float] | None = None,
         where: dict | None = None,
         text_vector: np.ndarray | None = None,
-    ) -> tuple[CategoryOut | None, list[SearchHit], float]:
+        explain: bool = False,
+    ) -> tuple[CategoryOut | None, list[SearchHit], float, tuple[str, str | None]]:
         """``search_vectors``, with the title search fused in where ``text_vector`` is given; also
-        the best image cosine among the candidates (what the no-match threshold judges)."""
+        the best image cosine among the candidates (what the no-match threshold judges) and what
+        ordered the hits: (ranker, fallback reason)."""
         k = max(self.candidate_k, self.category_k, limit)
         raw = self._search_max(vectors, k, shards, where)
         pred = predict_category(raw, k=self.category_k, classifier=classifier, alpha=self.classifier_weight)
@@ -307,15 +321,25 @@ class Searcher:
             routed = True
         top_image = max((h.score for h in raw), default=-1.0)
         scores: dict[str, tuple[float, float]] = {}
+        ranked: tuple[str, str | None] = ("visual", None)
+        contributions: dict[str, dict[str, float]] = {}
         if text_vector is not None:
+            # fused scores are not what the re-ranker was trained on: image + text stays in fused order
             raw, scores = self._fuse(vectors, text_vector, raw, k, [pred.shard] if routed else shards, where)
-        if self.reranker is not None:
-            raw = self.reranker.rerank(raw)
+        elif self.reranker is not None and raw:
+            t0 = time.perf_counter()
+            category = pred.category if pred is not None else None
+            outcome = self.reranker.rerank_with_info(raw, category=category)
+            raw, ranked = list(outcome.hits), (outcome.ranker, outcome.fallback_reason)
+            if explain and outcome.fallback_reason is None:
+                contributions = {e.item_id: e.contributions for e in self.reranker.explain(raw, category=category)}
+            QUERY_STAGE_SECONDS.labels("rerank").observe(time.perf_counter() - t0)
         hits = _collapse(raw, self.image_base_url)[:limit]
         for h in hits:
             if h.item_id in scores:
                 h.image_score, h.text_score = scores[h.item_id]
-        return _category_out(pred, searched, routed), hits, top_image
+            h.contributions = contributions.get(h.item_id)
+        return _category_out(pred, searched, routed), hits, top_image, ranked
 
     def _fuse(self, vectors: np.ndarray, text_vector: np.ndarray, image_hits: list[IndexHit], k: int,
               shards: Sequence[str] | None, where: dict | None) -> tuple[list[IndexHit], dict[str, tuple[float, float]]]:

@@ -8,6 +8,7 @@ skipping.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,9 @@ from offline.datasets import DEFAULT_DATA
 from vision.settings import RuntimeSettings
 
 CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+# The APIs tests start record their impressions here, not in the checkout's var/ (subprocesses inherit it).
+os.environ.setdefault("TONGKUAN_INTERACTIONS__PATH",
+                      os.path.join(tempfile.mkdtemp(prefix="tongkuan-test-interactions-"), "events.jsonl"))
 DATA = Path(os.environ.get("TONGKUAN_TEST_GROCERY", str(DEFAULT_DATA)))
 REDIS_HOST = "127.0.0.1:6379"
 # Group joins on Tansu take about half the session timeout: keep it short in tests.

@@ -39,6 +39,7 @@ from query.access import API_KEY_HEADER, Access, access_from_settings, require
 from query.body import BodyTimeouts
 from query.http import DecodeSlots, get_searcher
 from query.http import router as query_router
+from query.interactions import Interactions, interactions_from_settings
 from query.jobs import JobClient, JobStore
 from query.metrics import REQUEST_SECONDS, REQUESTS
 from query.page import router as page_router
@@ -51,10 +52,10 @@ log = logging.getLogger(__name__)
 
 def create_app(*, config: ApiConfig | None = None, searcher: Searcher | None = None,
                producer: EventProducer | None = None, access: Access | None = None,
-               jobs: JobClient | None = None) -> FastAPI:
+               jobs: JobClient | None = None, interactions: Interactions | None = None) -> FastAPI:
     """``config``: read from the environment when not given. ``searcher`` / ``producer`` / ``access`` /
-    ``jobs``: use these instead of opening the index / connecting to Kafka / reading the keys file /
-    the Celery app (tests, in-process use)."""
+    ``jobs`` / ``interactions``: use these instead of opening the index / connecting to Kafka /
+    reading the keys file / the Celery app / the configured interaction log (tests, in-process use)."""
     cfg = config or load(ApiConfig)
 
     @asynccontextmanager
@@ -75,13 +76,16 @@ def create_app(*, config: ApiConfig | None = None, searcher: Searcher | None = N
         a.state.image_root = cfg.fetch.object_root if cfg.fetch.local_refs else None
         if a.state.jobs is None:
             a.state.jobs = job_client(cfg)
-        owned_producer = holder = None
+        owned_producer = holder = owned_interactions = None
         if a.state.event_producer is None:
             from events.bus import LazyProducer
             from events.kafka import make_producer
 
             # made on the first hook call: an API that only searches needs no broker to start
             owned_producer = a.state.event_producer = LazyProducer(lambda: make_producer(cfg.kafka))
+        if a.state.interactions is None:
+            owned_interactions = a.state.interactions = interactions_from_settings(
+                cfg.interactions, producer=a.state.event_producer, redis_url=cfg.celery.broker_url)
         if a.state.searcher is None and cfg.api.serve_search:
             holder = open_serving(cfg)
             holder.start_refresher(cfg.api.serving_refresh_s)
@@ -92,6 +96,8 @@ def create_app(*, config: ApiConfig | None = None, searcher: Searcher | None = N
             if holder is not None:
                 holder.close()
                 holder.manager.close()
+            if owned_interactions is not None:
+                owned_interactions.close()
             if owned_producer is not None:
                 owned_producer.close()
 
@@ -100,6 +106,7 @@ def create_app(*, config: ApiConfig | None = None, searcher: Searcher | None = N
     app.state.searcher = searcher
     app.state.event_producer = producer
     app.state.jobs = jobs
+    app.state.interactions = interactions
     if cfg.api.cors_origins:  # none: no CORS headers at all, so browsers refuse every cross-origin call
         app.add_middleware(CORSMiddleware, allow_origins=cfg.api.cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", API_KEY_HEADER, "Content-Type"],
@@ -190,10 +197,28 @@ def open_serving(cfg: ApiConfig) -> ServingHolder:
             text_factory=lambda model_id: load_text_model(cfg.runtime.model_dir, model_id,
                                                           threads=cfg.runtime.ort_threads))
         holder.refresh()
+        with holder.use() as h:
+            warm_up(h)
         return holder
     except Exception:
         mgr.close()
         raise
+
+
+def warm_up(handle, rounds: int = 2) -> float:
+    """Run the query models before the first shopper does: ONNX Runtime sizes its memory arena on
+    the first runs, which otherwise land on the first requests (hundreds of ms). Seconds taken."""
+    from PIL import Image
+
+    t0 = time.perf_counter()
+    photo = Image.new("RGB", (320, 320), (128, 128, 128))
+    for _ in range(rounds):
+        handle.pipeline.embed_query(photo, max_regions=2)
+        if handle.text is not None:
+            handle.text.encode(["warm up"])
+    seconds = time.perf_counter() - t0
+    log.info("query models warmed up in %.2fs", seconds)
+    return seconds
 
 
 def job_client(cfg: ApiConfig) -> JobClient:

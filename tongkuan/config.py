@@ -27,6 +27,7 @@ from events.hook import HookSettings, secret_problem
 from events.kafka import KafkaSettings
 from feature_store.event_log import FeatureLogSettings
 from index.settings import EdgeIndexSettings, IndexSettings, QdrantIndexSettings
+from query.interactions import InteractionSettings
 from query.settings import JobSettings, SearchSettings
 from vision.settings import ImageSettings, RuntimeSettings
 from workers.fetch import FetchSettings
@@ -154,6 +155,7 @@ class ApiConfig(_Root):
     kafka: KafkaSettings = KafkaSettings()
     celery: CelerySettings = CelerySettings()  # the bulk similar-items jobs are sent to the workers
     jobs: JobSettings = JobSettings()
+    interactions: InteractionSettings = InteractionSettings()  # impressions and feedback (search.interactions)
     # Query image URLs are fetched with these limits (local refs never: a shopper names no server
     # path); the object root, where local refs are on, is what the web page's /images serves.
     fetch: FetchSettings = FetchSettings()

@@ -43,7 +43,8 @@ class FakeSearcher:
         self.entered = threading.Event()
         self.calls = 0
 
-    def search_bytes(self, data: bytes, *, limit: int, max_objects: int, filters=None, text=None) -> SearchResponse:
+    def search_bytes(self, data: bytes, *, limit: int, max_objects: int, filters=None, text=None,
+                     explain=False) -> SearchResponse:
         self.calls += 1
         self.entered.set()
         if self.gate is not None:
