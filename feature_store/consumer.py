@@ -34,17 +34,20 @@ RECORDS = Counter("tongkuan_feature_store_records", "Records of the feature topi
 
 
 class FeatureConsumerSettings(BaseModel):
-    """The feature-store consumer (env ``TONGKUAN_FEATURE_STORE__*`` once wired)."""
+    """The feature-store consumer (env ``TONGKUAN_FEATURES__*``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    topics: tuple[str, ...] = Field(default=(CATALOG_FEATURES, INTERACTIONS_TOPIC, CATALOG_ITEMS), min_length=1)
+    topics: tuple[str, ...] = Field(default=(CATALOG_FEATURES, INTERACTIONS_TOPIC, CATALOG_ITEMS), min_length=1,
+                                    description="what the consumer reads (catalog.items for prices and categories)")
     owned_topics: tuple[str, ...] = Field(default=(CATALOG_FEATURES, INTERACTIONS_TOPIC),
                                           description="topics whose refused records are dead-lettered")
-    group_id: str = "tongkuan-feature-store"
-    dlq_topic: str = CATALOG_ITEMS_DLQ
+    group_id: str = Field(default="tongkuan-feature-store", description="Kafka consumer group")
+    dlq_topic: str = Field(default=CATALOG_ITEMS_DLQ, description="where refused records go")
     max_batch: int = Field(default=1000, ge=1, description="records per poll = per aggregator batch")
     refresh_every_s: float = Field(default=3600.0, gt=0, description="how often run() calls refresh()")
+    metrics_port: int = Field(default=9104, ge=0, le=65535, description="/metrics port (0: off)")
+    metrics_addr: str = Field(default="127.0.0.1", description="/metrics address")
 
 
 class FeatureStoreConsumer:

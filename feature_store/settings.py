@@ -26,7 +26,7 @@ class _Settings(BaseModel):
 class SqliteOnlineSettings(_Settings):
     """Feast's SQLite online store: embedded, one file, one writer process at a time."""
 
-    type: Literal["sqlite"] = "sqlite"
+    type: Literal["sqlite"] = Field(default="sqlite", description="which online store: sqlite (embedded) or redis")
     path: Path | None = Field(default=None, description="the database file (default <data_dir>/online.db)")
 
 
@@ -34,7 +34,7 @@ class RedisOnlineSettings(_Settings):
     """Feast's Redis online store (the stack). Keys are ``entity key + project``, so one Redis DB
     can hold several projects (tests use one project each)."""
 
-    type: Literal["redis"] = "redis"
+    type: Literal["redis"] = Field(default="redis", description="which online store: sqlite (embedded) or redis")
     url: str = Field(default="redis://127.0.0.1:6379/0", description="redis://[:password@]host:port[/db]")
     key_ttl_seconds: int | None = Field(default=None, ge=1, description="Redis EXPIRE per item key (off)")
 
@@ -70,7 +70,8 @@ class FeatureStoreSettings(_Settings):
     data_dir: Path = Field(default=VAR_DIR / "features", description="registry, offline Parquet, SQLite files")
     project: str = Field(default="tongkuan", pattern=r"^[a-z][a-z0-9_]{0,62}$",
                          description="Feast project (also the Redis key suffix)")
-    online: OnlineStoreSettings = SqliteOnlineSettings()
+    online: OnlineStoreSettings = Field(default=SqliteOnlineSettings(), description="the online store "
+                                        "(ONLINE__TYPE sqlite or redis, and that store's fields)")
     registry_cache_ttl_seconds: int = Field(default=600, ge=0, description="0: cache the registry forever")
 
 

@@ -126,6 +126,10 @@ class ServingHolder:
         self._thread = threading.Thread(target=loop, name="serving-refresh", daemon=True)
         self._thread.start()
 
+    def wait_closed(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds; True once the holder is closed (for companion loops)."""
+        return self._stop.wait(timeout)
+
     def close(self) -> None:
         self._stop.set()
         if self._thread is not None:

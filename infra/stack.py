@@ -131,6 +131,11 @@ def services(a: argparse.Namespace, bootstrap: str, hook_secret: str) -> list[Se
         # Object keys in events resolve here (the worker fetches them, the API's page serves them).
         "TONGKUAN_FETCH__OBJECT_ROOT": str(a.object_root),
         "TONGKUAN_SEARCH__IMAGE_BASE_URL": "/images",
+        # The feature store: the consumer writes it, the API's re-ranker reads it (online in Redis).
+        "TONGKUAN_FEATURE_STORE__DATA_DIR": str(a.state / "features"),
+        "TONGKUAN_FEATURE_STORE__ONLINE__TYPE": "redis",
+        "TONGKUAN_FEATURE_STORE__ONLINE__URL": a.broker_url,
+        "TONGKUAN_RERANK__MODELS_DIR": str(a.state / "rerank" / "models"),
     }
     return [
         Service("worker",
@@ -151,8 +156,7 @@ def services(a: argparse.Namespace, bootstrap: str, hook_secret: str) -> list[Se
                  "TONGKUAN_DISPATCHER__MAX_IN_FLIGHT": str(a.max_in_flight),
                  "TONGKUAN_DISPATCHER__METRICS_ADDR": "127.0.0.1"}),
         Service("features", [py, "-m", "tongkuan.features"], f"http://127.0.0.1:{a.features_metrics_port}/metrics",
-                {**common, "TONGKUAN_FEATURES__PATH": str(a.state / "features" / "events.jsonl"),
-                 "TONGKUAN_FEATURES__METRICS_PORT": str(a.features_metrics_port)}),
+                {**common, "TONGKUAN_FEATURES__METRICS_PORT": str(a.features_metrics_port)}),
         Service("api",
                 [py, "-m", "uvicorn", "--factory", "tongkuan.api:create_app", "--host", "127.0.0.1",
                  "--port", str(a.api_port)],

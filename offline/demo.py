@@ -21,7 +21,8 @@ DEMO_DIR = REPO_ROOT / "var" / "demo"
 
 def run_demo(data: str | Path, *, cfg: ToolConfig, n_queries: int = 6, work: Path = DEMO_DIR) -> int:
     from events.bus import InMemoryBus
-    from feature_store.event_log import FeatureEventLog
+    from feature_store.settings import FeatureStoreSettings
+    from feature_store.store import ItemFeatureStore
     from index.settings import EdgeIndexSettings
     from offline.evaluate import evaluate, format_table
     from query.searcher import Searcher
@@ -58,8 +59,13 @@ def run_demo(data: str | Path, *, cfg: ToolConfig, n_queries: int = 6, work: Pat
         _searches(ds, searcher, n_queries)
 
         print("== 4. catalog change events through the embedded event path (dispatcher + the task's code)")
-        events = EmbeddedEvents(rt, FeatureEventLog(work / "features.jsonl"))
-        _events(events, rows, index)
+        store = ItemFeatureStore(FeatureStoreSettings(data_dir=work / "features"))
+        events = EmbeddedEvents(rt, store)
+        try:
+            _events(events, rows, index)
+        finally:
+            events.close()
+            store.close()
     finally:
         rt.close()
 
@@ -92,6 +98,7 @@ def _searches(ds: GroceryDataset, searcher, n_queries: int) -> None:
 
 def _events(events, rows, index) -> None:
     import json
+    import time
 
     from events.models import ItemDeleted, ItemFeaturesUpdated, ItemUpserted
 
@@ -101,10 +108,13 @@ def _events(events, rows, index) -> None:
     stale = ItemUpserted(item_id=a.item_id, version=1, title="an older edit arriving late",
                          category_path=a.category_path, images=(a.image,))
     gone = ItemDeleted(item_id=b.item_id, version=1)
+    # absolute counters: the first snapshot is the baseline, the window holds what came after it
+    baseline = ItemFeaturesUpdated(item_id=a.item_id, event_time=time.time() - 3600,
+                                   counters={"impressions": 100, "clicks": 5, "orders": 1})
     counters = ItemFeaturesUpdated(item_id=a.item_id, counters={"impressions": 120, "clicks": 9, "orders": 2})
     private = ItemUpserted(item_id="poison-1", version=1, title="Private address", category_path=("Fruit",),
                            images=("http://169.254.169.254/latest/meta-data/x.jpg",))
-    events.publish([edit, gone, counters, private])
+    events.publish([edit, gone, baseline, counters, private])
     events.publish_raw([("poison-2", json.dumps({"schema_version": 99, "type": "item_upserted",
                                                   "item_id": "poison-2"}).encode())])
     events.run_until_idle()
@@ -115,9 +125,11 @@ def _events(events, rows, index) -> None:
           f"{'skipped as stale' if 'older' not in title else 'APPLIED'}")
     print(f"   delete v1 of {b.item_id}: {'gone' if not index.retrieve([b.item_id]) else 'STILL THERE'} "
           f"(index holds {index.count()} items)")
-    logged = events.features.log.events()
-    print(f"   feature update of {a.item_id}: on catalog.features, not the embedder's topic; the feature-event log "
-          f"holds {len(logged)} event(s) ({events.features.log.path})")
+    online = events.feature_store.online([a.item_id]).get(a.item_id, {})
+    shown = {k: online.get(k) for k in ("impressions_7d", "clicks_7d", "orders_7d", "ctr_7d")}
+    print(f"   feature update of {a.item_id}: on catalog.features, not the embedder's topic; the feature store "
+          f"(Feast, SQLite online) serves " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
+                                                        for k, v in shown.items()))
     for d in events.dead_letters():
         print(f"   dead-lettered {d.item_id or d.key}: {d.reason} (stage {d.stage}, from {d.source_topic}/"
               f"{d.source_partition}/{d.source_offset})")

@@ -19,8 +19,11 @@ from vision.settings import RuntimeSettings
 
 CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 # The APIs tests start record their impressions here, not in the checkout's var/ (subprocesses inherit it).
-os.environ.setdefault("TONGKUAN_INTERACTIONS__PATH",
-                      os.path.join(tempfile.mkdtemp(prefix="tongkuan-test-interactions-"), "events.jsonl"))
+_SCRATCH = tempfile.mkdtemp(prefix="tongkuan-test-")
+os.environ.setdefault("TONGKUAN_INTERACTIONS__PATH", os.path.join(_SCRATCH, "interactions", "events.jsonl"))
+# ... and their re-ranker reads this feature store and model registry (none active: visual order).
+os.environ.setdefault("TONGKUAN_FEATURE_STORE__DATA_DIR", os.path.join(_SCRATCH, "features"))
+os.environ.setdefault("TONGKUAN_RERANK__MODELS_DIR", os.path.join(_SCRATCH, "rerank-models"))
 DATA = Path(os.environ.get("TONGKUAN_TEST_GROCERY", str(DEFAULT_DATA)))
 REDIS_HOST = "127.0.0.1:6379"
 # Group joins on Tansu take about half the session timeout: keep it short in tests.

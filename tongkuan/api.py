@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from contextlib import asynccontextmanager
 from typing import Annotated
@@ -86,16 +87,22 @@ def create_app(*, config: ApiConfig | None = None, searcher: Searcher | None = N
         if a.state.interactions is None:
             owned_interactions = a.state.interactions = interactions_from_settings(
                 cfg.interactions, producer=a.state.event_producer, redis_url=cfg.celery.broker_url)
+        reranker = feature_store = None
         if a.state.searcher is None and cfg.api.serve_search:
             holder = open_serving(cfg)
             holder.start_refresher(cfg.api.serving_refresh_s)
-            a.dependency_overrides[get_searcher] = _generation_searcher(holder, cfg)
+            reranker, feature_store = open_reranker(cfg)
+            if reranker is not None:
+                follow_active_model(reranker, cfg.rerank.refresh_s, holder)
+            a.dependency_overrides[get_searcher] = _generation_searcher(holder, cfg, reranker)
         try:
             yield
         finally:
             if holder is not None:
                 holder.close()
                 holder.manager.close()
+            if feature_store is not None:
+                feature_store.close()
             if owned_interactions is not None:
                 owned_interactions.close()
             if owned_producer is not None:
@@ -205,6 +212,23 @@ def open_serving(cfg: ApiConfig) -> ServingHolder:
         raise
 
 
+def follow_active_model(reranker, every_s: float, holder: ServingHolder) -> threading.Thread:
+    """Follow the registry's ACTIVE pointer (a training run activated a new model) until the
+    serving holder closes; a refused model is logged and the current one keeps serving."""
+
+    def loop() -> None:
+        while not holder.wait_closed(every_s):
+            try:
+                if reranker.refresh():
+                    log.info("re-ranker now serves %s", reranker.active_version)
+            except Exception as e:  # noqa: BLE001 - keep serving the model there is
+                log.warning("re-ranker refresh failed: %s", e)
+
+    thread = threading.Thread(target=loop, name="rerank-refresh", daemon=True)
+    thread.start()
+    return thread
+
+
 def warm_up(handle, rounds: int = 2) -> float:
     """Run the query models before the first shopper does: ONNX Runtime sizes its memory arena on
     the first runs, which otherwise land on the first requests (hundreds of ms). Seconds taken."""
@@ -233,10 +257,32 @@ def job_client(cfg: ApiConfig) -> JobClient:
                               cfg.jobs.ttl_s), cfg.jobs.dir)
 
 
-def _generation_searcher(holder: ServingHolder, cfg: ApiConfig):
+def _generation_searcher(holder: ServingHolder, cfg: ApiConfig, reranker=None):
     def dependency(request: Request):
         with holder.use() as h:  # one generation for the whole request
             yield Searcher.from_settings(h.index, h.pipeline, cfg.search, max_image_bytes=cfg.image.max_bytes,
-                                         max_image_pixels=cfg.image.max_pixels, text_encoder=h.text)
+                                         max_image_pixels=cfg.image.max_pixels, text_encoder=h.text,
+                                         reranker=reranker)
 
     return dependency
+
+
+def open_reranker(cfg: ApiConfig):
+    """(re-ranker, its feature store) of ``cfg.rerank``: the registry's active model, reading the
+    feature store's online features; (None, None) when off. Importing Feast costs seconds: only a
+    process that serves search does it."""
+    if not cfg.rerank.enabled:
+        return None, None
+    from feature_store.features import FEATURES
+    from feature_store.store import ItemFeatureStore
+    from rerank.registry import ModelRegistry
+    from rerank.reranker import LightGBMReranker
+
+    store = ItemFeatureStore(cfg.feature_store)
+    store.apply()  # idempotent; the online tables exist before the first read
+    reranker = LightGBMReranker(store, store_features=FEATURES, registry=ModelRegistry(cfg.rerank.models_dir),
+                                tie_margin=cfg.rerank.tie_margin,
+                                min_feature_coverage=cfg.rerank.min_feature_coverage)
+    log.info("re-ranker: %s (features: %s online)", reranker.active_version or "no active model, visual order",
+             cfg.feature_store.online.type)
+    return reranker, store

@@ -25,10 +25,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from events.hook import HookSettings, secret_problem
 from events.kafka import KafkaSettings
-from feature_store.event_log import FeatureLogSettings
+from feature_store.consumer import FeatureConsumerSettings
+from feature_store.settings import AggregatorSettings, FeatureStoreSettings
 from index.settings import EdgeIndexSettings, IndexSettings, QdrantIndexSettings
 from query.interactions import InteractionSettings
 from query.settings import JobSettings, SearchSettings
+from rerank.settings import RerankSettings
 from vision.settings import ImageSettings, RuntimeSettings
 from workers.fetch import FetchSettings
 from workers.settings import CelerySettings, DispatcherSettings, WorkerSettings
@@ -137,9 +139,12 @@ class DispatcherConfig(_Root):
 
 
 class FeaturesConfig(_Root):
-    """``python -m tongkuan.features``: ``catalog.features`` → the feature-event log."""
+    """``python -m tongkuan.features``: ``catalog.features``, ``search.interactions`` (and prices and
+    categories from ``catalog.items``) → the aggregator → the Feast feature store."""
 
-    features: FeatureLogSettings = FeatureLogSettings()
+    features: FeatureConsumerSettings = FeatureConsumerSettings()
+    feature_store: FeatureStoreSettings = FeatureStoreSettings()
+    aggregator: AggregatorSettings = AggregatorSettings()
     kafka: KafkaSettings = KafkaSettings()
 
 
@@ -156,6 +161,8 @@ class ApiConfig(_Root):
     celery: CelerySettings = CelerySettings()  # the bulk similar-items jobs are sent to the workers
     jobs: JobSettings = JobSettings()
     interactions: InteractionSettings = InteractionSettings()  # impressions and feedback (search.interactions)
+    rerank: RerankSettings = RerankSettings()
+    feature_store: FeatureStoreSettings = FeatureStoreSettings()  # what the re-ranker reads (online)
     # Query image URLs are fetched with these limits (local refs never: a shopper names no server
     # path); the object root, where local refs are on, is what the web page's /images serves.
     fetch: FetchSettings = FetchSettings()
@@ -285,8 +292,21 @@ def reference() -> str:
                         f"{', '.join(procs)} |")
             for name, field in cls.model_fields.items():
                 var = f"{ENV_PREFIX}{component.upper()}{ENV_DELIMITER}{name.upper()}"
-                rows.append(f"| `{var}` | {_type_name(field.annotation)} | {_default(field)} | "
+                nested = component_classes(field.annotation)
+                if not nested:
+                    rows.append(f"| `{var}` | {_type_name(field.annotation)} | {_default(field)} | "
+                                f"{field.description or ''} |")
+                    continue
+                rows.append(f"| `{var}__*` | {_type_name(field.annotation)} | {_default(field)} | "
                             f"{field.description or ''} |")
+                seen: set[str] = set()
+                for sub_cls in nested:  # a union: each member's fields once (the first member's row)
+                    for sub, sf in sub_cls.model_fields.items():
+                        if sub in seen:
+                            continue
+                        seen.add(sub)
+                        rows.append(f"| `{var}{ENV_DELIMITER}{sub.upper()}` | {_type_name(sf.annotation)} | "
+                                    f"{_default(sf)} | ({sub_cls.__name__}) {sf.description or ''} |")
     return "\n".join(rows) + "\n"
 
 

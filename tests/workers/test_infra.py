@@ -124,7 +124,7 @@ def test_topics_match_the_code(compose):
 
 
 def test_ports_agree(compose):
-    from feature_store.event_log import FeatureLogSettings
+    from feature_store.consumer import FeatureConsumerSettings
     from workers.settings import DispatcherSettings, WorkerSettings
 
     prom = load_yaml(INFRA / "prometheus.yml")
@@ -140,7 +140,7 @@ def test_ports_agree(compose):
     assert int(worker_port) == WorkerSettings.model_fields["metrics_port"].default
     feat_port = services["features"]["environment"]["TONGKUAN_FEATURES__METRICS_PORT"]
     assert jobs["features"]["static_configs"][0]["targets"] == [f"features:{feat_port}"]
-    assert int(feat_port) == FeatureLogSettings.model_fields["metrics_port"].default
+    assert int(feat_port) == FeatureConsumerSettings.model_fields["metrics_port"].default
     for name, component in (("dispatcher", "DISPATCHER"), ("worker", "WORKER"), ("features", "FEATURES")):
         env = services[name]["environment"]  # reachable from Prometheus, not only on loopback
         assert env[f"TONGKUAN_{component}__METRICS_ADDR"] == "0.0.0.0"
@@ -231,14 +231,18 @@ def test_compose_environment_names_real_settings_and_accepted_worker_layouts(com
 
     roles = {"api": "api", "dispatcher": "dispatcher", "worker": "worker", "worker-gpu": "worker",
              "features": "features"}
+    def names(prefix: str, annotation) -> set[str]:
+        """The variables of a setting: itself, or those of its model's fields (nested too)."""
+        out: set[str] = set()
+        for cls in component_classes(annotation):
+            for f, sub in cls.model_fields.items():
+                out |= names(f"{prefix}__{f.upper()}", sub.annotation)
+        return out or {prefix}
+
     known = set()
     for root in PROCESSES.values():
         for component, field in root.model_fields.items():
-            subfields = set()
-            for cls in component_classes(field.annotation):
-                subfields |= set(cls.model_fields)
-            known |= {f"TONGKUAN_{component.upper()}__{f.upper()}" for f in subfields} or {
-                f"TONGKUAN_{component.upper()}"}
+            known |= names(f"TONGKUAN_{component.upper()}", field.annotation)
     for name, svc in compose["services"].items():
         env = {k: str(v) for k, v in (svc.get("environment") or {}).items() if k.startswith("TONGKUAN_")}
         if not env:
