@@ -13,7 +13,7 @@ export PYTHONDONTWRITEBYTECODE := 1
 
 .DEFAULT_GOAL := help
 .PHONY: help venv model demo test test-all serving-install eval train bench-embed bench-ingest \
-	bench-query-search bench-query drill up down \
+	bench-query-search bench-query drill simulate bench-rerank up down \
 	config lint clean browser
 
 help: ## list the targets
@@ -73,6 +73,14 @@ bench-query: model ## end to end by stage at 81/100k/1M items, QPS at p99 <= 100
 
 drill: model ## reliability drill on the real broker/Redis/workers -> reports/drill.json
 	$(PY) -m offline drill
+
+# The SIMULATED closed loop (offline/simulate/): features through the real Feast store (SQLite online,
+# a temporary data dir), a model registry of its own emptied on every run.
+simulate: $(STAMP) ## SIMULATED closed loop over the Feast store, 8 days x 600 searches (~2 min) -> reports/simulate.json + simulate-ndcg.png (SIM_ARGS="--store memory": in-memory features)
+	$(PY) -m offline simulate loop $(DATA_ARG) --report reports/simulate.json --models var/simulate/models --fresh $(SIM_ARGS)
+
+bench-rerank: $(STAMP) ## re-rank of 60 candidates incl. the Feast online read, Redis (127.0.0.1:6379/15) vs SQLite -> reports/bench-rerank.json + .png (BENCH_ARGS="--stores sqlite": no Redis)
+	$(PY) -m offline bench-rerank --out reports/bench-rerank.json $(BENCH_ARGS)
 
 up: model ## start the local stack (Tansu broker, Celery worker, dispatcher, feature consumer, API) with health checks
 	$(PY) -m infra.stack start

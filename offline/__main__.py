@@ -23,6 +23,10 @@ TOOLS = {
     "bench-query": ("offline.bench.query", "end to end by stage at 81/100k/1M items, sustained QPS via the API, engines"),
     "bench-freshness": ("offline.bench.freshness", "hook POST -> found by POST /v1/search; search during a burst"),
     "drill": ("offline.drill", "reliability drill on the real broker, Redis, worker and dispatcher"),
+    "simulate": ("offline.simulate.__main__",
+                 "SIMULATED closed loop (loop) / re-rank latency (bench): searches -> events -> Feast -> training"),
+    "bench-rerank": ("offline.simulate.bench",
+                     "re-rank of 60 candidates incl. the Feast online read: Redis vs SQLite p50/p99 (SIMULATED)"),
 }
 
 

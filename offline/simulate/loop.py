@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -126,15 +127,21 @@ class FeatureAggregator:
         for o in offers:
             by_cat.setdefault(o.category, []).append(o.price)
         self.category_median = {c: float(np.median(v)) for c, v in by_cat.items()}
+        self.other_orders: dict[str, int] = {}  # the last simulated day's orders from other surfaces
 
-    def rows(self) -> dict[str, dict[str, float | None]]:
-        c = self.config
-        m = c.smoothing
+    def ratings(self) -> tuple[dict[str, float | None], dict[str, float]]:
+        """(mean rating per item, None without reviews; mean of its items' ratings per shop)."""
         ratings = {i: (self.rating_sum[i] / n if n else None) for i, n in self.rating_n.items()}
         shop: dict[str, list[float]] = {}
         for i, o in self.offers.items():
             if ratings[i] is not None:
-                shop.setdefault(o.shop, []).append(ratings[i])
+                shop.setdefault(o.shop, []).append(ratings[i])  # type: ignore[arg-type]
+        return ratings, {name: float(np.mean(v)) for name, v in shop.items()}
+
+    def rows(self) -> dict[str, dict[str, float | None]]:
+        c = self.config
+        m = c.smoothing
+        ratings, shop = self.ratings()
         out = {}
         for item_id, o in self.offers.items():
             days = list(self.days[item_id])
@@ -150,7 +157,7 @@ class FeatureAggregator:
             row.update({
                 "price": o.price, "price_to_category_median": o.price / self.category_median[o.category],
                 "rating": None if r is None else round(r, 2), "rating_count": float(self.rating_n[item_id]),
-                "shop_score": float(np.mean(shop[o.shop])) if o.shop in shop else None,
+                "shop_score": shop.get(o.shop),
                 "item_age_days": self.age[item_id],
             })
             out[item_id] = {k: row[k] for k in STORE_FEATURES}
@@ -169,9 +176,11 @@ class FeatureAggregator:
                     q = self.offers[e.item_id].quality
                     self.rating_sum[e.item_id] += min(5.0, max(1.0, 1 + 4 * q + float(rng.normal(0, 0.8))))
                     self.rating_n[e.item_id] += 1
+        self.other_orders = {}
         for item_id, o in self.offers.items():
             counts = today[item_id]
             other = int(rng.poisson(float(np.mean(o.sales_history)) if o.sales_history else 0.0))
+            self.other_orders[item_id] = other
             counts["orders"] = counts.get("orders", 0) + other
             counts["sales"] = counts.get("sales", 0.0) + other * o.price
             self.days[item_id].append(counts)
@@ -274,6 +283,52 @@ def serve_day(
     return DayLog(pd.DataFrame(rows), events, metrics, ranker_name, len(ranked))
 
 
+class FeatureBackend(Protocol):
+    """Where the loop's item features come from: ``start`` once before day 0 (the catalog and its
+    history), ``end_of_day`` after each day's events, ``reader`` for every read (the logged features
+    and the re-ranker's). ``describe`` goes into the report (``feature_store``)."""
+
+    reader: FeatureReader
+
+    def start(self) -> None: ...
+
+    def end_of_day(self, day: int, log: DayLog) -> None: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+class MemoryFeatures:
+    """The simulator's own daily ``FeatureAggregator``, its rows written with ``write`` (default: into
+    an ``InMemoryFeatureReader``) and read through ``reader``."""
+
+    def __init__(self, offers: Sequence[SimOffer], config: LoopConfig, *, reader: FeatureReader | None = None,
+                 write: FeatureWriter | None = None):
+        if (reader is None) != (write is None):
+            raise ValueError("pass both reader and write, or neither")
+        if reader is None:
+            store = InMemoryFeatureReader()
+            reader = store
+
+            def write(rows: Mapping[str, Mapping[str, float | None]]) -> None:
+                for item_id, values in rows.items():
+                    store.put(item_id, values)
+
+        self.reader = reader
+        self.write: FeatureWriter = write  # type: ignore[assignment]
+        self.aggregator = FeatureAggregator(offers, config)
+
+    def start(self) -> None:
+        self.write(self.aggregator.rows())
+
+    def end_of_day(self, day: int, log: DayLog) -> None:
+        self.aggregator.end_of_day(day, log.events)
+        self.write(self.aggregator.rows())
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": "memory", "online_store": None,
+                "note": "the simulator's daily aggregator (offline.simulate.loop.FeatureAggregator), not Feast"}
+
+
 def run_loop(
     products: Sequence[SimProduct],
     offers: Sequence[SimOffer],
@@ -283,26 +338,24 @@ def run_loop(
     config: LoopConfig | None = None,
     reader: FeatureReader | None = None,
     write: FeatureWriter | None = None,
+    features: FeatureBackend | None = None,
     click_model: ClickModel | None = None,
     out_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run the loop (module doc) and return its report; with ``out_dir``, also write
-    ``report.json`` and ``ndcg_per_day.png`` there. ``reader``/``write``: the feature store (default:
-    one ``InMemoryFeatureReader``, written with ``put``)."""
+    ``report.json`` and ``ndcg_per_day.png`` there. ``features``: where the item features come from
+    (``MemoryFeatures``, ``offline.simulate.feast_store.FeastFeatures``); without it, ``reader``/
+    ``write`` (default: one ``InMemoryFeatureReader``, written with ``put``) around the simulator's
+    own aggregator."""
     config = config or LoopConfig()
-    if (reader is None) != (write is None):
-        raise ValueError("pass both reader and write, or neither")
-    if reader is None:
-        store = InMemoryFeatureReader()
-        reader = store
-
-        def write(rows: Mapping[str, Mapping[str, float | None]]) -> None:
-            for item_id, values in rows.items():
-                store.put(item_id, values)
-
+    if features is not None and (reader is not None or write is not None):
+        raise ValueError("pass features, or reader and write, not both")
+    if features is None:
+        features = MemoryFeatures(offers, config, reader=reader, write=write)
+    reader = features.reader
+    started = time.perf_counter()
     by_id = {o.item_id: o for o in offers}
-    agg = FeatureAggregator(offers, config)
-    write(agg.rows())
+    features.start()
     registry = ModelRegistry(registry_dir)
     reranker = LightGBMReranker(reader, store_features=STORE_FEATURES, registry=registry,
                                 tie_margin=config.tie_margin)
@@ -312,8 +365,7 @@ def run_loop(
         queries = daily_queries(products, day, config.queries_per_day, seed=config.seed)
         log = serve_day(queries, search, reranker, reader, by_id, config=config, click_model=click_model)
         rows, events, per, ranker_name = log.rows, log.events, log.metrics, log.ranker
-        agg.end_of_day(day, events)
-        write(agg.rows())
+        features.end_of_day(day, log)
         logged.append(rows)
         table = pd.concat(logged, ignore_index=True)
         trained = train(table, STORE_FEATURES, holdout_fraction=config.holdout_fraction,
@@ -338,7 +390,11 @@ def run_loop(
         **{k: {side: mean([d[k][side] for d in served_days]) for side in ("visual", "ranker")}
            for k in ("ndcg@10", "product_first_r1", "kendall_tau")},
         "final_holdout": days[-1]["trained"]["holdout"] if days else None,
+        "feature_store": features.describe(),
+        "series": {k: {side: [d[k][side] for d in days] for side in ("visual", "ranker")}
+                   for k in ("ndcg@10", "product_first_r1", "kendall_tau")},
         "days": days,
+        "runtime_s": round(time.perf_counter() - started, 2),
     }
     if out_dir is not None:
         out = Path(out_dir)
@@ -361,7 +417,9 @@ def plot_ndcg(report: Mapping[str, Any], path: str | Path) -> Path:
         ax.plot(days, [d["ndcg@10"][side] for d in report["days"]], style, label=side)
     ax.set_xlabel("simulated day (day 0: no model yet, visual order served)")
     ax.set_ylabel("NDCG@10 (hidden quality)")
-    ax.set_title("SIMULATED closed loop: NDCG@10 per day")
+    fs = report.get("feature_store") or {}
+    where = fs.get("backend", "memory") + (f"/{fs['online_store']}" if fs.get("online_store") else "")
+    ax.set_title(f"SIMULATED closed loop: NDCG@10 per day (features: {where})")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -379,4 +437,4 @@ def _json_default(v: object) -> object:
     raise TypeError(f"{type(v).__name__} is not JSON serialisable")
 
 
-__all__ = ["STORE_FEATURES", "TRUTH", "DayLog", "FeatureAggregator", "LoopConfig", "plot_ndcg", "run_loop", "serve_day", "shown_positions"]
+__all__ = ["STORE_FEATURES", "TRUTH", "DayLog", "FeatureAggregator", "FeatureBackend", "LoopConfig", "MemoryFeatures", "plot_ndcg", "run_loop", "serve_day", "shown_positions"]
