@@ -1,6 +1,6 @@
-"""The feature-store consumer: the feature topics → ``ItemFeatureAggregator`` → Feast, the successor
-of ``feature_store.event_log.FeatureLogConsumer`` behind the same seam (an ``events.bus``
-consumer, a dead-letter producer, a settings model).
+"""The feature-store consumer: the feature topics → ``ItemFeatureAggregator`` → Feast (an
+``events.bus`` consumer, a dead-letter producer, a settings model; ``python -m tongkuan.features``
+and the embedded event path run it).
 
 One poll is one aggregator batch, committed after it: the batch's pushes run inside the
 aggregator's transaction, so a crash anywhere before the commit redelivers the batch, and the event
