@@ -42,21 +42,28 @@ def run_demo(data: str | Path, *, cfg: ToolConfig, n_queries: int = 6, work: Pat
         target = rt.targets.current()[0]
         vision = rt.load(target.model.name)
         index = target.index
-        print(f"   serving {vision.model_id} ({vision.dim}-d) on ONNX Runtime")
+        titles = rt.titles(target.model.text_model) if target.model.text_model and rt.titles else None
+        print(f"   serving {vision.model_id} ({vision.dim}-d) on ONNX Runtime; title vectors: "
+              f"{titles.model_id if titles else 'none'}")
 
         print(f"== 2. ingest the catalog: {ds.catalog_dir}")
         t0 = time.perf_counter()
         rows = list(read_catalog(ds.catalog_dir))
         report = ingest_stream(rows, index=index, embedder=vision, fetcher=rt.fetcher,
-                               max_pixels=cfg.image.max_pixels, batch_size=cfg.worker.ingest_batch_size)
+                               max_pixels=cfg.image.max_pixels, batch_size=cfg.worker.ingest_batch_size,
+                               titles=titles)
         print(f"   {len(report.indexed)} products indexed in {time.perf_counter() - t0:.1f} s into "
               f"{index_settings.dir} (shards: {', '.join(f'{s}={index.count(s)}' for s in index.shards())}); "
               f"{len(report.failures)} failed, {len(report.duplicates)} duplicates linked")
 
         print(f"== 3. search {n_queries} shop photos from val (top 5)")
         searcher = Searcher.from_settings(index, vision, cfg.search, max_image_bytes=cfg.image.max_bytes,
-                                          max_image_pixels=cfg.image.max_pixels)
+                                          max_image_pixels=cfg.image.max_pixels, text_encoder=titles)
         _searches(ds, searcher, n_queries)
+        if searcher.serves_text:
+            for text in ("pink lady apple", "oat milk"):
+                top = [f"{h.title} ({h.score:.2f})" for h in searcher.search_text(text, limit=3).hits]
+                print(f"   text {text!r}: " + "; ".join(top))
 
         print("== 4. catalog change events through the embedded event path (dispatcher + the task's code)")
         store = ItemFeatureStore(FeatureStoreSettings(data_dir=work / "features"))
