@@ -91,7 +91,11 @@ def create_app(*, config: ApiConfig | None = None, searcher: Searcher | None = N
         if a.state.searcher is None and cfg.api.serve_search:
             holder = open_serving(cfg)
             holder.start_refresher(cfg.api.serving_refresh_s)
-            reranker, feature_store = open_reranker(cfg)
+            try:
+                reranker, feature_store = open_reranker(cfg)
+            except Exception as e:  # noqa: BLE001 - search serves in visual order without it
+                log.error("re-ranker off (visual order): the feature store did not open: %s: %s",
+                          type(e).__name__, e)
             if reranker is not None:
                 follow_active_model(reranker, cfg.rerank.refresh_s, holder)
             a.dependency_overrides[get_searcher] = _generation_searcher(holder, cfg, reranker)
