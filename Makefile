@@ -76,7 +76,7 @@ drill: model ## reliability drill on the real broker/Redis/workers -> reports/dr
 
 # The SIMULATED closed loop (offline/simulate/): features through the real Feast store (SQLite online,
 # a temporary data dir), a model registry of its own emptied on every run.
-simulate: $(STAMP) ## SIMULATED closed loop over the Feast store, 8 days x 600 searches (~2 min) -> reports/simulate.json + simulate-ndcg.png (SIM_ARGS="--store memory": in-memory features)
+simulate: $(STAMP) ## SIMULATED closed loop over the Feast store, 8 days x 600 searches (~1.5 min) -> reports/simulate.json + simulate-ndcg.png (SIM_ARGS="--store memory": in-memory features)
 	$(PY) -m offline simulate loop $(DATA_ARG) --report reports/simulate.json --models var/simulate/models --fresh $(SIM_ARGS)
 
 bench-rerank: $(STAMP) ## re-rank of 60 candidates incl. the Feast online read, Redis (127.0.0.1:6379/15) vs SQLite -> reports/bench-rerank.json + .png (BENCH_ARGS="--stores sqlite": no Redis)

@@ -11,9 +11,12 @@ writes carries ``"simulated": true``.
   ``search(query) -> list[index.base.SearchHit]``.
 * ``shoppers``: queries per day and a position-biased click model → impressions, clicks, carts,
   orders with event times.
-* ``loop``: the closed loop: days of searches → events → features (through a ``FeatureReader``) →
-  training → the new ranker serving; per-day NDCG@10, product-first R@1, Kendall τ, a plot.
-* ``bench``: re-rank latency of 60 candidates including the feature read.
+* ``loop``: the closed loop: days of searches → events → features (a ``FeatureBackend``, read
+  through a ``FeatureReader``) → training → the new ranker serving; per-day NDCG@10, product-first
+  R@1, Kendall τ, a plot.
+* ``feast_store``: the loop's features through the real Feast store (``ItemFeatureStore``, SQLite or
+  Redis online) fed by ``ItemFeatureAggregator`` with the simulated events.
+* ``bench``: re-rank latency of 60 candidates including the Feast online read, Redis vs SQLite.
 """
 
 from offline.simulate.catalog import (

@@ -6,7 +6,7 @@ visual search or a real one), its candidates' features are read through the ``Fe
 logged, the ``LightGBMReranker`` orders them (visual order on day 0: no model yet), twins are
 folded into the first of their ``duplicate_of`` group (as ``query.searcher`` does) and the top
 ``shown`` are shown to the simulated shoppers. At the end of the day the events update the item
-features (``FeatureAggregator`` → ``write``), a model is trained on every impression so far (time
+features (the ``FeatureBackend``: below), a model is trained on every impression so far (time
 holdout) and published to the registry, and activated for the next day.
 
 Per day, for both orders of the same candidates (visual and the day's ranker):
@@ -17,9 +17,11 @@ Per day, for both orders of the same candidates (visual and the day's ranker):
 * ``kendall_tau``: τ-b between the order's scores of the photographed product's offers (visual
   score, or the model's) and their hidden quality, averaged over queries with two or more.
 
-The headline figures average the days on which the ranker served (day 1 on). The feature read and
-write go through ``FeatureReader.online`` and a ``write(rows)`` callable, so the Feast store can
-take the in-memory one's place.
+The headline figures average the days on which the ranker served (day 1 on). The features come
+from a ``FeatureBackend`` (``start`` before day 0, ``end_of_day`` after each day, every read through
+its ``reader``): ``MemoryFeatures`` (this module's ``FeatureAggregator``, written into an
+``InMemoryFeatureReader`` or any ``reader`` + ``write``) or ``offline.simulate.feast_store.
+FeastFeatures`` (the real Feast store fed by the feature store's aggregator with the day's events).
 """
 
 from __future__ import annotations
