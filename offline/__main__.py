@@ -25,7 +25,7 @@ TOOLS = {
     "drill": ("offline.drill", "reliability drill on the real broker, Redis, worker and dispatcher"),
     "simulate": ("offline.simulate.__main__",
                  "SIMULATED closed loop (loop) / re-rank latency (bench): searches -> events -> Feast -> training"),
-    "bench-rerank": ("offline.simulate.bench",
+    "bench-rerank": ("offline.simulate.rerank_cli",
                      "re-rank of 60 candidates incl. the Feast online read: Redis vs SQLite p50/p99 (SIMULATED)"),
 }
 

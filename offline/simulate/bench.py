@@ -212,11 +212,4 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``python -m offline bench-rerank``: ``python -m offline.simulate bench``."""
-    from offline.simulate.__main__ import main as simulate_main
-
-    return simulate_main(["bench", *(argv or [])])
-
-
-__all__ = ["STORES", "TARGET_P99_MS", "bench_rerank", "main", "plot_latency", "redis_ping", "table"]
+__all__ = ["STORES", "TARGET_P99_MS", "bench_rerank", "plot_latency", "redis_ping", "table"]
