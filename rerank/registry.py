@@ -147,26 +147,23 @@ class ModelRegistry:
         except FileNotFoundError:
             return None
 
-    def manifest(self, version: str) -> ModelManifest:
-        path = self.dir / version / MANIFEST_FILE
+    def _read(self, version: str, name: str) -> tuple[Path, str]:
+        """A version's file as text, or ``ModelRejected`` (missing / corrupt)."""
+        path = self.dir / version / name
         try:
-            text = path.read_text(encoding="utf-8")
+            return path, path.read_text(encoding="utf-8")
         except FileNotFoundError as e:
             raise ModelRejected(version, "missing", f"no {path}") from e
         except (OSError, UnicodeDecodeError) as e:
             raise ModelRejected(version, "corrupt", f"{path}: {e}") from e
-        return ModelManifest.parse(text, version)
+
+    def manifest(self, version: str) -> ModelManifest:
+        return ModelManifest.parse(self._read(version, MANIFEST_FILE)[1], version)
 
     def load(self, version: str) -> tuple[lgb.Booster, ModelManifest]:
         """The booster and manifest of ``version``, or ``ModelRejected`` (see the module doc)."""
         manifest = self.manifest(version)
-        path = self.dir / version / MODEL_FILE
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError as e:
-            raise ModelRejected(version, "missing", f"no {path}") from e
-        except (OSError, UnicodeDecodeError) as e:
-            raise ModelRejected(version, "corrupt", f"{path}: {e}") from e
+        _, text = self._read(version, MODEL_FILE)
         digest = hashlib.sha256(text.encode()).hexdigest()
         if digest != manifest.model_sha256:
             raise ModelRejected(version, "corrupt", f"model text sha256 {digest[:12]}, manifest "
