@@ -80,8 +80,9 @@ def test_the_loop_writes_its_report_plot_and_models(loop):
 
 
 def test_the_loop_speaks_the_feature_stores_names():
-    features = pytest.importorskip("feature_store.features")
-    assert STORE_FEATURES == tuple(features.FEATURES)
+    from feature_store.features import FEATURES
+
+    assert STORE_FEATURES == tuple(FEATURES)
 
 
 # -- the Feast store in the loop ------------------------------------------------------------------
