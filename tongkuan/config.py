@@ -7,7 +7,7 @@ config composes the ones it needs and reads them from the environment when the p
 ``TONGKUAN_WORKER__POOL=threads``, ``TONGKUAN_HOOK__SECRET=...``. Unknown fields of a component are
 refused (a typo fails at start-up instead of being ignored).
 
-``python -m tongkuan.config`` prints the configuration reference (the README's is generated from it,
+``python -m tongkuan.config`` prints the configuration reference (docs/configuration.md is generated from it,
 and ``tests/tongkuan/test_config.py`` keeps the two equal).
 """
 
