@@ -26,6 +26,8 @@ class CatalogItem(BaseModel):
     price: Price | None = None
     shop: Shop | None = None
     stock: Count | None = Field(default=None, description="units on hand; none: not tracked (counts as in stock)")
+    product_group: ItemId | None = Field(default=None, description="the marketplace's product (SPU) key: offers "
+                                         "sharing it are one product to the re-ranker (rerank.groups)")
 
     @property
     def in_stock(self) -> bool:

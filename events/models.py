@@ -53,6 +53,8 @@ class ItemUpserted(_Event):
     price: Price | None = None
     shop: Shop | None = None
     stock: Count | None = Field(default=None, description="units on hand; none: not tracked (counts as in stock)")
+    product_group: ItemId | None = Field(default=None, description="the marketplace's product (SPU) key, shared "
+                                         "by the offers of one product")
 
     def to_item(self) -> CatalogItem:
         return CatalogItem(
@@ -64,6 +66,7 @@ class ItemUpserted(_Event):
             price=self.price,
             shop=self.shop,
             stock=self.stock,
+            product_group=self.product_group,
         )
 
 

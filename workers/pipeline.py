@@ -222,6 +222,8 @@ def item_payload(item: CatalogItem, *, md5: str, dhash: str, model_id: str, dupl
     payload["in_stock"] = int(item.in_stock)
     if item.stock is not None:
         payload["stock"] = item.stock
+    if item.product_group is not None:
+        payload["product_group"] = item.product_group
     if duplicate_of is not None:
         payload["duplicate_of"] = duplicate_of
     return payload
