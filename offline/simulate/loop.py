@@ -17,6 +17,9 @@ Per day, for both orders of the same candidates (visual and the day's ranker):
 * ``kendall_tau``: τ-b between the order's scores of the photographed product's offers (visual
   score, or the model's) and their hidden quality, averaged over queries with two or more.
 
+Each also for ``oracle``: the hidden gain as the model's score under the same ordering rule
+(``oracle_order``), the most any ranker can reach over these candidates.
+
 The headline figures average the days on which the ranker served (day 1 on). The features come
 from a ``FeatureBackend`` (``start`` before day 0, ``end_of_day`` after each day, every read through
 its ``reader``): ``MemoryFeatures`` (this module's ``FeatureAggregator``, written into an
@@ -75,6 +78,8 @@ STORE_FEATURES: tuple[str, ...] = (
     "price", "price_to_category_median", "rating", "rating_count", "shop_score", "item_age_days",
 )
 TRUTH = "truth_gain"  # the simulator's truth per logged row: evaluation only, never a feature
+# the orders every metric is computed for: visual, the day's ranker, and the ceiling (``oracle_order``)
+SIDES = ("visual", "ranker", "oracle")
 
 Search = Callable[[SimQuery], Sequence[IndexHit]]
 FeatureWriter = Callable[[Mapping[str, Mapping[str, float | None]]], None]
@@ -209,8 +214,20 @@ def _gain(offer: SimOffer, query: SimQuery) -> float:
     return 1.0 + 3.0 * offer.quality if offer.product_id == query.product_id else 0.0
 
 
-def _list_metrics(hits: Sequence[IndexHit], scores: Sequence[float], query: SimQuery,
-                  offers: Mapping[str, SimOffer], shown: int) -> dict[str, float | None]:
+def oracle_order(hits: Sequence[IndexHit], query: SimQuery, offers: Mapping[str, SimOffer], *,
+                 tie_margin: float) -> tuple[list[IndexHit], list[float]]:
+    """The best order the re-ranker's rule allows (``rerank.groups.arrange`` with the simulator's
+    hidden gain as the model's score): the ceiling of any ranker over these candidates, since the
+    best visual product stays first and products trade places only inside a visual near-tie."""
+    from rerank.groups import arrange, product_groups
+
+    truth = [_gain(offers[h.item_id], query) for h in hits]
+    order = arrange(product_groups(hits), [h.score for h in hits], truth, tie_margin=tie_margin)
+    return [hits[i] for i in order], [truth[i] for i in order]
+
+
+def list_metrics(hits: Sequence[IndexHit], scores: Sequence[float], query: SimQuery,
+                 offers: Mapping[str, SimOffer], shown: int) -> dict[str, float | None]:
     idx = shown_positions(hits, shown)
     gains = [_gain(offers[hits[i].item_id], query) for i in idx]
     best: dict[str, float] = {}
@@ -230,7 +247,7 @@ def _list_metrics(hits: Sequence[IndexHit], scores: Sequence[float], query: SimQ
 class DayLog:
     rows: pd.DataFrame                  # the impression table (rerank.training's columns + TRUTH, day)
     events: list[SimEvent]
-    metrics: dict[str, dict[str, float | None]]  # metric -> {"visual", "ranker"}: means over queries
+    metrics: dict[str, dict[str, float | None]]  # metric -> {"visual", "ranker", "oracle"}: query means
     ranker: str                         # what served (the re-ranker's name on the day's last query)
     queries: int
 
@@ -249,7 +266,7 @@ def serve_day(
     names = feature_names(STORE_FEATURES)
     ranked: list[tuple[SimQuery, list[str]]] = []
     rows: list[dict[str, Any]] = []
-    per: dict[str, dict[str, list]] = {k: {"visual": [], "ranker": []}
+    per: dict[str, dict[str, list]] = {k: {side: [] for side in SIDES}
                                        for k in ("ndcg@10", "product_first_r1", "kendall_tau")}
     ranker_name = reranker.name
     for q in queries:
@@ -261,10 +278,13 @@ def serve_day(
         ranker_name = result.ranker
         served = result.hits
         scores = result.scores if result.scores is not None else [h.score for h in served]
-        for key, value in _list_metrics(hits, [h.score for h in hits], q, offers, config.shown).items():
+        for key, value in list_metrics(hits, [h.score for h in hits], q, offers, config.shown).items():
             per[key]["visual"].append(value)
-        for key, value in _list_metrics(served, scores, q, offers, config.shown).items():
+        for key, value in list_metrics(served, scores, q, offers, config.shown).items():
             per[key]["ranker"].append(value)
+        for key, value in list_metrics(*oracle_order(hits, q, offers, tie_margin=config.tie_margin), q, offers,
+                                       config.shown).items():
+            per[key]["oracle"].append(value)
         row_of = {h.item_id: i for i, h in enumerate(hits)}
         shown = [served[i].item_id for i in shown_positions(served, config.shown)]
         ranked.append((q, shown))
@@ -389,11 +409,11 @@ def run_loop(
         "note": "SIMULATED marketplace and shoppers (offline.simulate): not a measurement of real shoppers",
         "config": asdict(config),
         "catalog": {"products": len(products), "offers": len(offers)},
-        **{k: {side: mean([d[k][side] for d in served_days]) for side in ("visual", "ranker")}
+        **{k: {side: mean([d[k][side] for d in served_days]) for side in SIDES}
            for k in ("ndcg@10", "product_first_r1", "kendall_tau")},
         "final_holdout": days[-1]["trained"]["holdout"] if days else None,
         "feature_store": features.describe(),
-        "series": {k: {side: [d[k][side] for d in days] for side in ("visual", "ranker")}
+        "series": {k: {side: [d[k][side] for d in days] for side in SIDES}
                    for k in ("ndcg@10", "product_first_r1", "kendall_tau")},
         "days": days,
         "runtime_s": round(time.perf_counter() - started, 2),
@@ -415,8 +435,9 @@ def plot_ndcg(report: Mapping[str, Any], path: str | Path) -> Path:
 
     days = [d["day"] for d in report["days"]]
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=120)
-    for side, style in (("visual", "o--"), ("ranker", "s-")):
-        ax.plot(days, [d["ndcg@10"][side] for d in report["days"]], style, label=side)
+    for side, style in (("visual", "o--"), ("ranker", "s-"), ("oracle", ":")):
+        ax.plot(days, [d["ndcg@10"][side] for d in report["days"]], style,
+                label="oracle (the rule's ceiling)" if side == "oracle" else side)
     ax.set_xlabel("simulated day (day 0: no model yet, visual order served)")
     ax.set_ylabel("NDCG@10 (hidden quality)")
     fs = report.get("feature_store") or {}
@@ -439,4 +460,4 @@ def _json_default(v: object) -> object:
     raise TypeError(f"{type(v).__name__} is not JSON serialisable")
 
 
-__all__ = ["STORE_FEATURES", "TRUTH", "DayLog", "FeatureAggregator", "FeatureBackend", "LoopConfig", "MemoryFeatures", "plot_ndcg", "run_loop", "serve_day", "shown_positions"]
+__all__ = ["STORE_FEATURES", "TRUTH", "DayLog", "FeatureAggregator", "FeatureBackend", "LoopConfig", "MemoryFeatures", "SIDES", "oracle_order", "plot_ndcg", "run_loop", "serve_day", "shown_positions"]

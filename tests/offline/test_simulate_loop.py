@@ -60,7 +60,7 @@ def test_the_ranker_learns_in_the_loop_without_losing_the_product(loop):
     assert [d["ranker"] for d in days[1:]] == ["lightgbm:v0001", "lightgbm:v0002", "lightgbm:v0003"]
     for d in days:
         assert d["impressions"] == 10 * d["queries"] and d["clicks"] >= d["carts"] >= d["orders"] > 0
-        assert set(d["ndcg@10"]) == {"visual", "ranker"} and d["trained"]["holdout"]["truth"]
+        assert set(d["ndcg@10"]) == {"visual", "ranker", "oracle"} and d["trained"]["holdout"]["truth"]
 
 
 def test_the_loop_reads_and_writes_features_through_the_store(loop):
@@ -153,7 +153,7 @@ def test_make_simulate_writes_its_report_plot_and_a_fresh_registry(tmp_path, cap
     report = json.loads(report_path.read_text())
     assert report["simulated"] is True and report["feature_store"]["backend"] == "feast"
     for key in ("ndcg@10", "product_first_r1", "kendall_tau"):
-        assert set(report[key]) == {"visual", "ranker"}
+        assert set(report[key]) == {"visual", "ranker", "oracle"}
         assert len(report["series"][key]["visual"]) == len(report["series"][key]["ranker"]) == 2
     assert report["ndcg@10"] == first["ndcg@10"]  # deterministic for a seed
     assert len(report["days"]) == 2 and report["runtime_s"] > 0
