@@ -53,7 +53,8 @@ serving-install: ## `pip install .` into an empty venv: the API and the worker i
 	@echo "serving install: no torch, no matplotlib"
 	rm -rf var/serving-venv
 
-eval: model ## Recall@K/mAP/category accuracy: make eval DATA=DIR SPLIT=NAME
+eval: model ## Recall@K/mAP/category accuracy; offers with the active re-ranker (SIMULATED offers): make eval DATA=DIR SPLIT=NAME
+	@test -f var/simulate/state.json || $(MAKE) --no-print-directory simulate
 	$(PY) -m offline eval $(DATA_ARG) --split $(SPLIT)
 
 train: model ## fine-tune the same-product embedding on DATA's train split (CPU ~30 min), export + register
@@ -74,9 +75,10 @@ bench-query: model ## end to end by stage at 81/100k/1M items, QPS at p99 <= 100
 drill: model ## reliability drill on the real broker/Redis/workers -> reports/drill.json
 	$(PY) -m offline drill
 
-# The SIMULATED closed loop (offline/simulate/): features through the real Feast store (SQLite online,
-# a temporary data dir), a model registry of its own emptied on every run.
-simulate: $(STAMP) ## SIMULATED closed loop over the Feast store, 8 days x 600 searches (~1.5 min) -> reports/simulate.json + simulate-ndcg.png (SIM_ARGS="--store memory": in-memory features)
+# The SIMULATED closed loop (offline/simulate/): val photos searched through the real ingest, index and
+# model over simulated offers, features through the real Feast store (SQLite online, a temporary data
+# dir), a model registry of its own emptied on every run, and the end state make eval reads.
+simulate: model ## SIMULATED closed loop: val photos through the real index over simulated offers, Feast store, 8 days x 600 searches (~2 min) -> reports/simulate.json + simulate-ndcg.png, var/simulate/ (SIM_ARGS="--store memory --search simulated")
 	$(PY) -m offline simulate loop $(DATA_ARG) --report reports/simulate.json --models var/simulate/models --fresh $(SIM_ARGS)
 
 bench-rerank: $(STAMP) ## re-rank of 60 candidates incl. the Feast online read, Redis (127.0.0.1:6379/15) vs SQLite -> reports/bench-rerank.json + .png (BENCH_ARGS="--stores sqlite": no Redis)

@@ -6,6 +6,10 @@
   Recall@1 and mAP (over the full ranking of the gallery).
 * coarse_accuracy: the query's predicted coarse category (KNN vote, fused with the model's classifier
   when it has one) on the photo→photo gallery, the denser of the two like a real marketplace index.
+* offers (SIMULATED offers, real photos and re-ranker: ``offline.simulate.offer_eval``): the same
+  photos searched over the simulated offers of ``make simulate``, visual order vs the registry's
+  active re-ranker: product-first R@1 and NDCG@10 against the offers' hidden quality. Skipped, and
+  said so, when no simulation state exists (``make eval`` runs ``make simulate`` first).
 
 Writes ``reports/eval-<split>.json`` and ``reports/eval-<split>.png`` (Recall@K curves).
 """
@@ -35,6 +39,7 @@ from workers.pipeline import ingest_stream
 
 log = logging.getLogger(__name__)
 CURVE_K = 10
+SIM_DIR = REPORTS.parent / "var" / "simulate"
 
 
 def _ranks(relevant: Callable[[str], bool], ranked_ids: Sequence[str]) -> list[int]:
@@ -86,7 +91,9 @@ def evaluate(
     out_dir: str | Path = "reports",
     progress: bool = True,
     photo_to_photo: bool = True,
+    offers: tuple[Path, Path] | None = None,
 ) -> dict:
+    """``offers``: (the re-ranker's registry, the simulation state) for the offers section; None: skipped."""
     from vision.runtime import VisionPipeline
 
     t_start = time.perf_counter()
@@ -148,6 +155,15 @@ def evaluate(
             metrics["coarse_accuracy"] = float(np.mean(catalog_coarse))
             metrics["coarse_accuracy_gallery"] = "catalog"
         metrics["coarse_accuracy_catalog_vote"] = float(np.mean(catalog_coarse))
+        if offers is not None:
+            models_dir, state = offers
+            if state.is_file():
+                from offline.simulate.offer_eval import evaluate_offers
+
+                metrics["offers"] = evaluate_offers(ds.root, split, models_dir=models_dir, state_path=state,
+                                                    cfg=cfg, vision=vision)
+            else:
+                metrics["offers"] = {"skipped": f"no simulation state at {state} (make simulate writes it)"}
     finally:
         shutil.rmtree(work, ignore_errors=True)
     metrics["seconds"] = round(time.perf_counter() - t_start, 1)
@@ -189,6 +205,10 @@ def format_table(metrics: dict) -> str:
             for name in ("recall@1", "recall@5", "recall@10", "mAP"):
                 rows.append((f"{key}.{name}", f"{m[name]:.3f}"))
     rows.append(("coarse_accuracy", f"{metrics['coarse_accuracy']:.3f} ({metrics['coarse_accuracy_gallery']})"))
+    if "offers" in metrics:
+        from offline.simulate.offer_eval import format_offers
+
+        rows.extend(format_offers(metrics["offers"]))
     rows.append(("seconds", metrics.get("seconds", "")))
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
@@ -204,10 +224,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(REPORTS))
     ap.add_argument("--no-photo-to-photo", action="store_true")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--rerank-models", type=Path, default=SIM_DIR / "models",
+                    help="the re-ranker registry whose active model orders the offers (make simulate's)")
+    ap.add_argument("--sim-state", type=Path, default=SIM_DIR / "state.json",
+                    help="make simulate's end state: the offers' seed and their online feature rows")
+    ap.add_argument("--no-offers", action="store_true", help="skip the offers section")
     args = ap.parse_args(argv)
     try:
         metrics = evaluate(args.data, args.split, cfg=load(ToolConfig), out_dir=args.out, progress=not args.quiet,
-                           photo_to_photo=not args.no_photo_to_photo)
+                           photo_to_photo=not args.no_photo_to_photo,
+                           offers=None if args.no_offers else (args.rerank_models, args.sim_state))
     except DatasetError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -2,6 +2,7 @@
 ``python -m offline bench-rerank``): the SIMULATED closed loop and the re-rank benchmark.
 
     python -m offline.simulate loop  [--data DIR | --synthetic] [--days 8] [--queries 600] [--seed 0]
+                                     [--search photos|simulated] [--query-split val] [--state FILE]
                                      [--store feast|memory] [--online sqlite|redis] [--row-resolution S]
                                      [--report reports/simulate.json] [--models var/simulate/models] [--fresh]
     python -m offline.simulate bench [--calls 500] [--candidates 60] [--stores redis,sqlite,memory]
@@ -12,7 +13,11 @@ and the model versions (``--models``; ``--fresh`` empties a registry left by an 
 nothing else), and prints a per-day table. ``--out DIR`` is the older layout: ``DIR/report.json``,
 ``DIR/ndcg_per_day.png``, ``DIR/models``. ``--store feast`` (default): the features go through the
 real Feast store (``offline.simulate.feast_store``) in a temporary data dir (``--features-dir``
-keeps it); ``memory``: the simulator's own daily aggregator.
+keeps it); ``memory``: the simulator's own daily aggregator. ``--search photos`` (default with a
+dataset): the shoppers' queries are the ``--query-split`` shop photos, searched through the real
+ingest, index and model over the offers (``offline.simulate.photo_search``); ``simulated``: drawn
+scores. ``--state`` (default ``var/simulate/state.json``): the offers' seed and the online feature
+rows at the end, for ``make eval``'s offers section (``offline.simulate.offer_eval``).
 
 ``bench`` writes the JSON (``--out``) and a latency histogram next to it (``<stem>.png``), and
 prints a table.
@@ -107,8 +112,10 @@ def run_loop_cli(args: argparse.Namespace) -> int:
     if problem:
         print(problem, file=sys.stderr)
         return 2
+    search_kind = "simulated" if args.synthetic else args.search
     started = time.perf_counter()
-    products = synthetic_products() if args.synthetic else products_from_grocery(args.data)
+    products = (synthetic_products() if args.synthetic
+                else products_from_grocery(args.data, query_split=args.query_split if search_kind == "photos" else None))
     offers = simulate_offers(products, seed=args.seed)
     config = LoopConfig(days=args.days, queries_per_day=args.queries, seed=args.seed,
                         use_position=not args.no_position)
@@ -119,10 +126,36 @@ def run_loop_cli(args: argparse.Namespace) -> int:
                                       data_dir=args.features_dir, row_resolution_s=args.row_resolution)
     else:
         features = MemoryFeatures(offers, config)
+    search: Any
+    if search_kind == "photos":
+        from offline.datasets import GroceryDataset
+        from offline.simulate.photo_search import OfferIndexSearch
+
+        search = OfferIndexSearch(offers, GroceryDataset(args.data).dir)
+    else:
+        search = SimulatedVisualSearch(offers, seed=args.seed)
     try:
-        report = run_loop(products, offers, SimulatedVisualSearch(offers, seed=args.seed), models,
-                          config=config, features=features)
+        # shoppers photograph products that have photos of the query split (the offers show the others')
+        shopped = [p for p in products if p.query_photos] if search_kind == "photos" else products
+        report = run_loop(shopped, offers, search, models, config=config, features=features)
+        report["catalog"]["products"] = len(products)
+        report["catalog"]["searched_products"] = len(shopped)
+        report["search"] = (search.describe() if hasattr(search, "describe")
+                            else {"search": "SIMULATED scores (offline.simulate.search), no images looked at"})
+        if args.state is not None:
+            # what the store serves at the end: make eval's re-ranker reads these rows
+            from offline.simulate.loop import STORE_FEATURES
+            from offline.simulate.offer_eval import write_state
+            from rerank.registry import ModelRegistry
+
+            rows = features.reader.online([o.item_id for o in offers])
+            report["state"] = str(write_state(
+                args.state, seed=args.seed, data=args.data, offers=offers, features=rows,
+                store_features=STORE_FEATURES, ranker_version=ModelRegistry(models).active_version(),
+                describe=report["feature_store"], tie_margin=config.tie_margin))
     finally:
+        if hasattr(search, "close"):
+            search.close()
         if args.store == "feast" and args.features_dir is None:
             features.close()
     report["total_runtime_s"] = round(time.perf_counter() - started, 2)
@@ -168,6 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     lp.add_argument("--queries", type=int, default=600, help="searches per simulated day")
     lp.add_argument("--seed", type=int, default=0)
     lp.add_argument("--no-position", action="store_true", help="train without position-bias correction")
+    lp.add_argument("--search", choices=("photos", "simulated"), default="photos",
+                    help="photos: the query split's shop photos through the real index and model over the offers; "
+                         "simulated: drawn scores, no images (always with --synthetic)")
+    lp.add_argument("--query-split", default="val", help="the shop photos shoppers search with (--search photos)")
+    lp.add_argument("--state", type=Path, default=VAR / "simulate" / "state.json",
+                    help="write the end state (offers' seed, online feature rows) that make eval's offers section reads")
     lp.add_argument("--store", choices=("feast", "memory"), default="feast",
                     help="item features: the Feast store fed by its aggregator, or the simulator's own")
     lp.add_argument("--online", choices=("sqlite", "redis"), default="sqlite", help="Feast online store (--store feast)")

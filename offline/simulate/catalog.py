@@ -37,6 +37,7 @@ class SimProduct:
     category: str               # coarse category (the payload's ``category``)
     top: str                    # top-level category (the shard)
     images: tuple[str, ...]     # the product's own image first, then other photos of it
+    query_photos: tuple[str, ...] = ()  # shoppers' photos to search with (another split); none: ``images[1:]``
 
 
 @dataclass(frozen=True)
@@ -76,15 +77,23 @@ class SimOffer:
                 "orders_30d": float(sum(self.sales_history[-30:])), "age_days": self.age_days}
 
 
-def products_from_grocery(root: str | Path, *, split: str = "train") -> list[SimProduct]:
-    """The GroceryStore dataset's 81 products, each with its iconic image and its ``split`` photos."""
+def products_from_grocery(root: str | Path, *, split: str = "train", query_split: str | None = None) -> list[SimProduct]:
+    """The GroceryStore dataset's 81 products, each with its iconic image and its ``split`` photos
+    (what offers may show); with ``query_split``, that split's photos are what shoppers search with."""
     from offline.datasets import GroceryDataset
 
     ds = GroceryDataset(root)
-    photos: dict[int, list[str]] = {}
-    for ph in ds.split(split):
-        photos.setdefault(ph.fine_id, []).append(str(ph.path))
-    return [SimProduct(p.item_id, p.coarse_name, p.top, (str(p.iconic_path), *photos.get(p.fine_id, [])))
+
+    def by_product(name: str) -> dict[int, list[str]]:
+        photos: dict[int, list[str]] = {}
+        for ph in ds.split(name):
+            photos.setdefault(ph.fine_id, []).append(str(ph.path))
+        return photos
+
+    photos = by_product(split)
+    queries = by_product(query_split) if query_split else {}
+    return [SimProduct(p.item_id, p.coarse_name, p.top, (str(p.iconic_path), *photos.get(p.fine_id, [])),
+                       tuple(queries.get(p.fine_id, ())))
             for p in ds.products]
 
 

@@ -1,7 +1,8 @@
 """SIMULATED shoppers: who searches when, and what they do with the list they are shown.
 
 Queries: ``daily_queries`` draws ``n`` searches a day, each for one product (fixed, seeded
-popularity weights), at uniform times of the day, each with one of the product's photos.
+popularity weights), at uniform times of the day, each with one of the product's photos (its
+``query_photos`` where it has them: another split than the offers' images).
 
 The click model (``ClickModel``) is position based: a shopper examines position ``p`` (0-based)
 with probability ``(1 / (p + 1)) ** eta`` and, having examined an offer, clicks it with
@@ -94,7 +95,7 @@ def daily_queries(products: Sequence[SimProduct], day: int, n: int, *, seed: int
     out = []
     for i, (k, t) in enumerate(zip(picks, times, strict=True)):
         prod = products[int(k)]
-        photos = prod.images[1:] or prod.images
+        photos = prod.query_photos or prod.images[1:] or prod.images
         out.append(SimQuery(f"d{day:03d}-q{i:05d}", prod.product_id, day, EPOCH + day * DAY_SECONDS + float(t),
                             photos[int(rng.integers(len(photos)))]))
     return out
