@@ -20,7 +20,7 @@ from PIL import Image
 
 from index.base import ITEM_ID_KEY, TITLE_VECTOR, Range, VectorIndex
 from index.base import SearchHit as IndexHit
-from query.category import DEFAULT_K, CategoryPrediction, predict_category
+from query.category import DEFAULT_K, DEFAULT_TEMPERATURE, CategoryPrediction, predict_category
 from query.metrics import NO_MATCH, QUERY_ERRORS, QUERY_STAGE_SECONDS
 from query.models import CategoryOut, ItemOut, ObjectResult, SearchFilters, SearchHit, SearchResponse
 from query.settings import SearchSettings
@@ -94,6 +94,7 @@ class Searcher:
         *,
         candidate_k: int = 60,
         category_k: int = DEFAULT_K,
+        category_temperature: float = DEFAULT_TEMPERATURE,
         shard_min_confidence: float = 0.6,
         classifier_weight: float = 0.5,
         reranker: Reranker | None = None,
@@ -110,6 +111,7 @@ class Searcher:
         self.embedder = embedder
         self.candidate_k = candidate_k
         self.category_k = category_k
+        self.category_temperature = category_temperature
         self.shard_min_confidence = shard_min_confidence
         self.classifier_weight = classifier_weight
         self.reranker = reranker
@@ -123,7 +125,7 @@ class Searcher:
                       max_image_bytes: int = 20 * 1024 * 1024, max_image_pixels: int = 40_000_000,
                       reranker: Reranker | None = None, text_encoder: TextEncoder | None = None) -> Searcher:
         return cls(index, embedder, candidate_k=search.candidate_k, category_k=search.category_k,
-                   shard_min_confidence=search.shard_min_confidence, classifier_weight=search.classifier_weight,
+                   category_temperature=search.category_temperature, shard_min_confidence=search.shard_min_confidence, classifier_weight=search.classifier_weight,
                    reranker=reranker, max_image_bytes=max_image_bytes, max_image_pixels=max_image_pixels,
                    image_base_url=search.image_base_url, no_match_below=search.no_match_below,
                    text_encoder=text_encoder, hybrid_image_weight=search.hybrid_image_weight)
@@ -234,7 +236,7 @@ class Searcher:
         shards, where = restriction(filters)
         k = max(self.candidate_k, self.category_k, limit)
         raw = self.index.search(vec, limit=k, shards=shards, where=where, using=TITLE_VECTOR)
-        pred = predict_category(raw, k=self.category_k)
+        pred = predict_category(raw, k=self.category_k, temperature=self.category_temperature)
         searched = sorted({h.shard for h in raw}) if shards is None else list(shards)
         timings["search"] = (time.perf_counter() - t1) * 1000
         QUERY_STAGE_SECONDS.labels("search").observe(timings["search"] / 1000)
@@ -245,6 +247,15 @@ class Searcher:
                            no_match=not hits, hits=hits)
         # in title order: the re-ranker was trained on image cosines (docs/rerank.md)
         return SearchResponse(model_id=self.embedder.model_id, objects=[obj], timings_ms=timings, ranker="visual")
+
+    def category_inputs(self, image: Image.Image, *, k: int) -> tuple[list[IndexHit], dict[str, float] | None]:
+        """What the category prediction of ``image``'s main product sees, before any routing: its
+        ``k`` nearest neighbours over every shard and the classifier head's probabilities (None for a
+        model without one). For calibrating the fusion offline (``offline.fusion``)."""
+        views = 0 if not getattr(self.embedder, "crops_queries", True) else 1
+        q = self.embedder.embed_query(image, max_regions=1 + views)
+        rows = _object_groups(q.regions, image.size)[0]
+        return self._search_max(q.vectors[rows], k, None), getattr(q, "category_probs", None)
 
     def item(self, item_id: str) -> ItemOut:
         recs = self.index.retrieve([item_id])
@@ -309,7 +320,8 @@ class Searcher:
         ordered the hits: (ranker, fallback reason)."""
         k = max(self.candidate_k, self.category_k, limit)
         raw = self._search_max(vectors, k, shards, where)
-        pred = predict_category(raw, k=self.category_k, classifier=classifier, alpha=self.classifier_weight)
+        pred = predict_category(raw, k=self.category_k, temperature=self.category_temperature, classifier=classifier,
+                                alpha=self.classifier_weight)
         searched = sorted({h.shard for h in raw}) if shards is None else list(shards)
         routed = False
         if pred is not None and shards is None and pred.shard_confidence >= self.shard_min_confidence:

@@ -7,7 +7,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from index.settings import VAR_DIR
-from query.category import DEFAULT_K
+from query.category import DEFAULT_K, DEFAULT_TEMPERATURE
 
 
 class SearchSettings(BaseModel):
@@ -17,6 +17,8 @@ class SearchSettings(BaseModel):
 
     candidate_k: int = Field(default=60, ge=1, le=1000, description="visual candidates per query (the re-rank pool)")
     category_k: int = Field(default=DEFAULT_K, ge=1, le=200, description="neighbours in the category vote")
+    category_temperature: float = Field(default=DEFAULT_TEMPERATURE, gt=0, le=10, description="the vote's "
+                                        "neighbour weights exp(score / temperature)")
     shard_min_confidence: float = Field(default=0.6, ge=0, le=1, description="search only the voted shard "
                                         "when its probability is at least this, else every shard")
     classifier_weight: float = Field(default=0.5, ge=0, le=1, description="weight of the model's classifier "
