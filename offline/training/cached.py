@@ -97,3 +97,17 @@ def feature_augment(h: torch.Tensor, gen: torch.Generator, min_frac: float = 0.7
         x = int(torch.randint(0, cw - ew + 1, (1,), generator=gen))
         out[i, :, y:y + eh, x:x + ew] = 0
     return out
+
+
+@torch.no_grad()
+def embed_cached_gap(model, feats: torch.Tensor, device: torch.device, batch: int = 128) -> np.ndarray:
+    """L2-normalised global-average-pooled trunk features of cached frozen-part maps (the ImageNet
+    model's descriptor when ``model`` is the untouched network)."""
+    was = model.training
+    model.eval()
+    out = []
+    for j in range(0, len(feats), batch):
+        out.append(model.gap(model.trainable_forward(feats[j:j + batch].to(device, torch.float32))).float().cpu().numpy())
+    model.train(was)
+    e = np.concatenate(out)
+    return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)

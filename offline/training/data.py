@@ -193,10 +193,14 @@ def synth_shop(iconic: Image.Image, mask: Image.Image, background: Image.Image, 
 
 class TrainSet(torch.utils.data.Dataset):
     """Items: shop photos (``samples``) followed by one iconic item per class in ``classes``.
-    ``__getitem__((index, seed))`` -> (image tensor, fine label, coarse label, is_iconic)."""
+    ``__getitem__((index, seed))`` -> (image tensor, fine label, coarse label, is_iconic).
+    Catalog→shop syntheses paste a catalog image on a background cut from another product's shop
+    photo: one of ``samples``, or of ``backgrounds`` when given (adapting to a catalog that has no
+    shop photos: photos of other products, never trained on)."""
 
     def __init__(self, samples: Sequence[Sample], classes: Sequence[ClassInfo], size: int = 192,
-                 p_synth: float = 0.75, p_erase: float = 0.4, preload: bool = True):
+                 p_synth: float = 0.75, p_erase: float = 0.4, preload: bool = True,
+                 backgrounds: Sequence[Sample] = ()):
         self.size = size
         self.p_synth, self.p_erase = p_synth, p_erase
         self.items: list[Sample] = list(samples) + [
@@ -205,6 +209,9 @@ class TrainSet(torch.utils.data.Dataset):
         self.labels = np.array([s.fine_id for s in self.items])
         self.is_iconic = np.array([s.iconic for s in self.items])
         self.photo_idx = np.flatnonzero(~self.is_iconic)
+        self.backgrounds = list(backgrounds)
+        self._bg_labels = np.array([b.fine_id for b in self.backgrounds], dtype=int)
+        self._bg_cache: dict[int, Image.Image] = {}
         self._cache: dict[int, Image.Image] = {}
         self._masks: dict[int, Image.Image] = {}
         if preload:
@@ -232,15 +239,26 @@ class TrainSet(torch.utils.data.Dataset):
         s = self.items[i]
         img = self._img(i)
         if s.iconic and rng.random() < self.p_synth:
-            others = self.photo_idx[self.labels[self.photo_idx] != s.fine_id]
-            if len(others):
-                bg = self._img(int(rng.choice(others)))
+            bg = self._background(s.fine_id, rng)
+            if bg is not None:
                 return synth_shop(img, self._mask(i), bg, self.size, rng)
         scale = (0.5, 1.0) if s.iconic else (0.35, 1.0)
         out = random_resized_crop(img, self.size, rng, scale=scale)
         if rng.random() < 0.5:
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return out
+
+    def _background(self, fine_id: int, rng: np.random.Generator) -> Image.Image | None:
+        if self.backgrounds:
+            others = np.flatnonzero(self._bg_labels != fine_id)
+            if not len(others):
+                return None
+            j = int(rng.choice(others))
+            if j not in self._bg_cache:
+                self._bg_cache[j] = load_rgb(self.backgrounds[j].path)
+            return self._bg_cache[j]
+        others = self.photo_idx[self.labels[self.photo_idx] != fine_id]
+        return self._img(int(rng.choice(others))) if len(others) else None
 
     def __getitem__(self, key):
         i, seed = key

@@ -119,8 +119,10 @@ def export_and_register(model: nn.Module, *, name: str, cfg: Preprocess, data_di
         name=name, file=path.name, sha256=sha, dim=int(model.dim), preprocessing=cfg,
         pooling={"type": "gem", "p": 3.0, "head": f"linear(1280->{model.dim})+bn+l2"},
         scales=(), crop=CropPolicy(catalog="none", query="none", margin=0.1),
-        source=("EfficientNet-Lite0 ImageNet init, fine-tuned (offline.training.train: "
-                f"{a['loss']} s={a['scale']} m={a['margin']} + batch-hard triplet + coarse CE; "
+        source=(f"EfficientNet-{str(a.get('backbone', 'lite0')).capitalize()} {log.get('init') or 'ImageNet'} init, "
+                f"{'adapted to ' + str(log['adapt']) + ' (its catalog images only)' if log.get('adapt') else 'fine-tuned'} "
+                f"(offline.training.train: {a['loss']} s={a['scale']} m={a['margin']} + batch-hard triplet + coarse CE"
+                f"{_regularisers(a)}; "
                 f"mode {log.get('mode')}, {len(log['epochs'])} epochs, best epoch {log.get('best_epoch')}, "
                 f"freeze stem+{a['freeze_blocks']} blocks, seed {a['seed']})"),
         training_data=(f"{Path(data_dir).name} split '{a['train_split']}' ({log['n_train_photos']} shop photos) "
@@ -137,6 +139,15 @@ def export_and_register(model: nn.Module, *, name: str, cfg: Preprocess, data_di
         reg.register_model(entry, overwrite=True, activate=activate)
         print(f"registered {entry.model_id} in {reg.path} (active: {reg.active})", flush=True)
     return entry.to_dict()
+
+
+def _regularisers(a: dict) -> str:
+    out = ""
+    if a.get("distill", "none") != "none":
+        out += f" + {a['distill']} distillation toward ImageNet (w={a.get('distill_weight')})"
+    if a.get("l2sp"):
+        out += f" + L2-SP (a={a['l2sp']})"
+    return out
 
 
 def coarse_names(data_dir: str) -> list[str]:
@@ -178,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     ck = torch.load(args.checkpoint, map_location="cpu")
     a = ck["args"]
     with contextlib.redirect_stdout(io.StringIO()):
-        model = EmbeddingNet(dim=a["dim"], n_coarse=ck["n_coarse"], freeze_blocks=a["freeze_blocks"])
+        model = EmbeddingNet(dim=a["dim"], n_coarse=ck["n_coarse"], freeze_blocks=a["freeze_blocks"],
+                             backbone=a.get("backbone", "lite0"))
     model.load_state_dict(ck["model"])
     log = json.loads(Path(args.log or f"{a['reports']}/train-{a['out']}.json").read_text())
     cfg = Preprocess(input_size=args.serve_size or a["size"])

@@ -78,14 +78,14 @@ def _same_definition(a: ModelEntry, b: ModelEntry) -> bool:
     return replace(a, sha256="", created="") == replace(b, sha256="", created="")
 
 
-def export_onnx(path: Path, *, pooling: str, gem_p: float = 3.0, opset: int = OPSET) -> None:
-    """Export ``LiteBackbone`` to ``path`` (overwritten)."""
+def export_onnx(path: Path, *, pooling: str, gem_p: float = 3.0, opset: int = OPSET, backbone: str = "lite0") -> None:
+    """Export ``LiteBackbone`` (ImageNet weights of ``backbone``) to ``path`` (overwritten)."""
     import torch
 
     from offline.training.backbone import LiteBackbone
 
     with contextlib.redirect_stdout(io.StringIO()):  # the package prints "Loaded pretrained weights"
-        model = LiteBackbone(pooling=pooling, gem_p=gem_p)
+        model = LiteBackbone(pooling=pooling, gem_p=gem_p, backbone=backbone)
     dummy = torch.zeros(1, 3, 224, 224)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # exporter deprecation/tracer warnings; the result is checked

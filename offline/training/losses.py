@@ -71,3 +71,32 @@ def batch_hard_triplet(emb: torch.Tensor, labels: torch.Tensor, margin: float = 
     idx = torch.arange(len(labels), device=emb.device)
     loss = F.relu(dist[idx, hp] - dist[idx, hn] + margin)
     return loss[valid].mean()
+
+
+# ---- keeping the pretrained model's generality (regularisers toward the ImageNet features) ----------
+
+
+def feature_distill(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Feature distillation: mean over the batch of 1 − cos(student, teacher) between the pooled
+    trunk features of the network being trained and of the frozen pretrained one (same input)."""
+    return (1.0 - F.cosine_similarity(student, teacher.detach(), dim=1)).mean()
+
+
+def relation_distill(emb: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Relational distillation: the batch's cosine-similarity matrix of the embeddings is pulled
+    toward that of the frozen pretrained features (mean squared difference off the diagonal). It
+    constrains the embedding itself (projection included) without tying its dimension to the
+    teacher's: products the training never saw keep the neighbourhoods ImageNet gave them."""
+    e = F.normalize(emb, dim=1)
+    t = F.normalize(teacher.detach(), dim=1)
+    off = ~torch.eye(len(e), dtype=torch.bool, device=e.device)
+    return ((e @ e.t() - t @ t.t())[off] ** 2).mean()
+
+
+def l2sp(params: list[torch.Tensor], start: list[torch.Tensor]) -> torch.Tensor:
+    """L2-SP (Li et al. 2018): ½‖w − w₀‖² summed over the backbone's trainable weights, w₀ their
+    pretrained values (use instead of weight decay toward zero on those weights)."""
+    total = params[0].new_zeros(())
+    for p, p0 in zip(params, start, strict=True):
+        total = total + ((p - p0) ** 2).sum()
+    return 0.5 * total

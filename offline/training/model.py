@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from offline.training.backbone import FEATURE_DIM, load_efficientnet_lite0
+from offline.training.backbone import FEATURE_DIM, load_efficientnet_lite
 
 
 class GeM(nn.Module):
@@ -30,11 +30,12 @@ class GeM(nn.Module):
 
 class EmbeddingNet(nn.Module):
     def __init__(self, dim: int = 512, n_coarse: int = 43, freeze_blocks: int = 5, gem_p: float = 3.0,
-                 pretrained: bool = True, net: nn.Module | None = None):
+                 pretrained: bool = True, net: nn.Module | None = None, backbone: str = "lite0"):
         super().__init__()
+        self.backbone = backbone
         if net is None:
             with contextlib.redirect_stdout(io.StringIO()):
-                net = load_efficientnet_lite0() if pretrained else _bare_lite0()
+                net = load_efficientnet_lite(backbone) if pretrained else _bare(backbone)
         self.net = net
         self.freeze_blocks = freeze_blocks
         self.pool = GeM(gem_p)
@@ -42,6 +43,9 @@ class EmbeddingNet(nn.Module):
         self.bn = nn.BatchNorm1d(dim)
         self.coarse = nn.Linear(dim, n_coarse)
         self.dim, self.n_coarse = dim, n_coarse
+        # True once weights come from an export whose BatchNorms were folded into the convolutions
+        # (``offline.training.from_onnx``): the trunk's BatchNorms then never use batch statistics
+        self.freeze_bn = False
         for m in self._frozen_modules():
             for p in m.parameters():
                 p.requires_grad_(False)
@@ -58,6 +62,10 @@ class EmbeddingNet(nn.Module):
         super().train(mode)
         for m in self._frozen_modules():
             m.eval()
+        if self.freeze_bn:
+            for m in self.net.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eval()
         return self
 
     def frozen_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -90,6 +98,11 @@ class EmbeddingNet(nn.Module):
         e = self.embed_from_features(self.trainable_forward(h))
         return e, self.coarse(e)
 
+    def gap(self, f: torch.Tensor) -> torch.Tensor:
+        """Global average pooling of a trunk feature map: the ImageNet model's served descriptor
+        (``lite0-imagenet``), the target of the distillation losses."""
+        return f.mean(dim=(2, 3))
+
     def embed_from_features(self, f: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.bn(self.proj(self.pool(f))), dim=1, eps=1e-12)
 
@@ -99,7 +112,7 @@ class EmbeddingNet(nn.Module):
         return f, e, self.coarse(e)
 
 
-def _bare_lite0() -> nn.Module:
+def _bare(backbone: str) -> nn.Module:
     from efficientnet_lite_pytorch import EfficientNet
 
-    return EfficientNet.from_name("efficientnet-lite0")
+    return EfficientNet.from_name(f"efficientnet-{backbone}", image_size=224)

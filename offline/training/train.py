@@ -5,7 +5,13 @@
 
 Loss: CosFace (or ArcFace) over product ids + batch-hard triplet + coarse-category cross-entropy on a
 linear head. P×K class-balanced batches; each class in a batch gets its catalog (iconic) image, most
-of the time pasted onto a background cut from another class's shop photo. Selection on val
+of the time pasted onto a background cut from another class's shop photo. Optional regularisers
+toward the pretrained network keep what made the ImageNet features general (products the training
+never saw): ``--distill feature`` (pooled trunk features vs the frozen ImageNet model's, same input),
+``--distill relation`` (the batch's embedding similarities vs the ImageNet features'), ``--l2sp A``
+(the backbone's weights vs their pretrained values, replacing weight decay there); the final
+evaluation also scores the frozen ImageNet trunk (GAP) on the same queries, so every run reports
+seen and unseen classes beside the model it started from. Selection on val
 (photo→catalog R@1 of the trained classes), never training on it. Writes ``reports/train-<out>.json``
 and ``reports/train-<out>.png``, the best weights to ``var/training/<out>/best.pt``, and (unless
 ``--no-export``) the ONNX model + registry entry (``offline.training.export``).
@@ -14,6 +20,8 @@ and ``reports/train-<out>.png``, the best weights to ``var/training/<out>/best.p
 from __future__ import annotations
 
 import argparse
+import copy
+import hashlib
 import json
 import math
 import os
@@ -26,10 +34,11 @@ import numpy as np
 import torch
 
 from offline.datasets import DEFAULT_DATA
-from offline.training.cached import cache_clean, cache_views, embed_cached, feature_augment
+from offline.training.backbone import BACKBONES
+from offline.training.cached import cache_clean, cache_views, embed_cached, embed_cached_gap, feature_augment
 from offline.training.data import PKSampler, TrainSet, parse_class_spec, read_classes, read_split
 from offline.training.evaluate import embed_paths, metrics_from_embeddings, torch_embed_fn
-from offline.training.losses import MarginSoftmax, batch_hard_triplet
+from offline.training.losses import MarginSoftmax, batch_hard_triplet, feature_distill, l2sp, relation_distill
 from offline.training.model import EmbeddingNet
 from vision.preprocess import Preprocess
 
@@ -41,6 +50,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--val-split", default="val")
     ap.add_argument("--classes", default="", help="fine ids to train on, e.g. 0-40 (default: all)")
     ap.add_argument("--exclude-classes", default="", help="fine ids to leave out of training")
+    ap.add_argument("--init", default="",
+                    help="start from an exported model instead of ImageNet: a registry name (in --model-dir), an "
+                         ".onnx path (offline.training.from_onnx; its trunk BatchNorms stay frozen) or a training "
+                         "run's .pt checkpoint")
+    ap.add_argument("--backbone", choices=BACKBONES, default="lite0", help="EfficientNet-Lite0 or -Lite2 (ImageNet init)")
+    ap.add_argument("--adapt", default="", metavar="CATALOG",
+                    help="adapt to a new catalog with its catalog images only: CATALOG is a dataset dir (GroceryStore "
+                         "layout) whose catalog images of --classes are the only training items (no shop photos of "
+                         "those products); starts from --init (default: the registry's active model); the syntheses' "
+                         "backgrounds are --data's train photos of other products; evaluated on CATALOG's val photos")
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--batches-per-epoch", type=int, default=0, help="0: #train photos / (P*K)")
     ap.add_argument("--out", default="lite0-grocery", help="model name (registry) and report stem")
@@ -65,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--triplet-weight", type=float, default=1.0)
     ap.add_argument("--triplet-margin", type=float, default=0.25)
     ap.add_argument("--coarse-weight", type=float, default=0.5)
+    ap.add_argument("--distill", choices=("none", "feature", "relation"), default="none",
+                    help="regularise toward the frozen ImageNet model: pooled trunk features (feature) or the "
+                         "batch's similarity structure of the embedding (relation)")
+    ap.add_argument("--distill-weight", type=float, default=1.0)
+    ap.add_argument("--l2sp", type=float, default=0.0,
+                    help="L2-SP weight: penalise the backbone's distance to its pretrained weights (no weight decay there)")
     ap.add_argument("--lr", type=float, default=4e-4, help="backbone learning rate (head: x10)")
     ap.add_argument("--weight-decay", type=float, default=1e-4)
     ap.add_argument("--p-synth", type=float, default=0.75, help="P(catalog image is pasted on a shop background)")
@@ -114,7 +139,9 @@ def plot(log: dict, path: Path) -> None:
     ep = log["epochs"]
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     x = [e["epoch"] for e in ep]
-    for key in ("loss", "margin_loss", "triplet_loss", "coarse_loss"):
+    for key in ("loss", "margin_loss", "triplet_loss", "coarse_loss", "distill_loss"):
+        if key not in ep[0]:
+            continue
         ax[0].plot(x, [e[key] for e in ep], label=key)
     ax[0].set_xlabel("epoch")
     ax[0].set_title("training loss")
@@ -146,13 +173,23 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
 
-    classes = read_classes(args.data)
-    train_all = read_split(args.data, args.train_split)
-    val = read_split(args.data, args.val_split)
+    root = args.adapt or args.data
+    classes = read_classes(root)
+    train_all = read_split(root, args.train_split)
+    val = read_split(root, args.val_split)
     keep = parse_class_spec(args.classes) or {c.fine_id for c in classes}
     keep -= parse_class_spec(args.exclude_classes) or set()
     train_classes = [c for c in classes if c.fine_id in keep]
     train = [s for s in train_all if s.fine_id in keep]
+    backgrounds: list = []
+    if args.adapt:
+        # the new catalog's own images only: its products' shop photos never reach training
+        same = Path(args.adapt).resolve() == Path(args.data).resolve()
+        backgrounds = [s for s in read_split(args.data, args.train_split) if not (same and s.fine_id in keep)]
+        train = []
+        args.init = args.init or "active"
+        if not args.batches_per_epoch:
+            args.batches_per_epoch = max(1, len(train_classes) * args.iconic_views // (args.P * args.K))
     val_seen = [s for s in val if s.fine_id in keep]
     val_unseen = [s for s in val if s.fine_id not in keep]
     n_fine = max(c.fine_id for c in classes) + 1
@@ -165,12 +202,36 @@ def main(argv: list[str] | None = None) -> int:
         args.freeze_blocks = 11 if mode == "cached" else 5
     cfg = Preprocess(input_size=args.size)
     t0 = time.time()
-    ds = TrainSet(train, train_classes, size=args.size, p_synth=args.p_synth)
+    ds = TrainSet(train, train_classes, size=args.size, p_synth=args.p_synth, backgrounds=backgrounds)
     print(f"loaded {len(ds)} images in {time.time() - t0:.1f}s; mode {mode}, freeze {args.freeze_blocks}",
           flush=True)
 
-    model = EmbeddingNet(dim=args.dim, n_coarse=n_coarse, freeze_blocks=args.freeze_blocks).to(device)
+    model = EmbeddingNet(dim=args.dim, n_coarse=n_coarse, freeze_blocks=args.freeze_blocks, backbone=args.backbone)
+    init_source = "ImageNet"
+    reference_key = "init_trunk_reference" if args.init else "imagenet_reference"
+    if args.init:
+        from offline.training.from_onnx import load_onnx_into
+
+        init_path = Path(args.init)
+        if init_path.suffix == ".pt":  # a training run's checkpoint (var/training/<run>/best.pt)
+            ck = torch.load(init_path, map_location="cpu")
+            model.load_state_dict(ck["model"])
+            init_source = f"checkpoint {init_path}"
+        elif init_path.suffix != ".onnx":
+            from vision.registry import ModelRegistry
+
+            entry, init_path = ModelRegistry(args.model_dir).resolve("" if args.init == "active" else args.init)
+            init_source = entry.model_id
+        else:
+            init_source = str(init_path)
+        if init_path.suffix != ".pt":
+            print(f"init from {init_source}: {load_onnx_into(model, init_path)}", flush=True)
+    model = model.to(device)
     head = MarginSoftmax(args.dim, n_fine, kind=args.loss, s=args.scale, m=args.margin).to(device)
+    # the frozen ImageNet network: the distillation target and the reference scored beside every run
+    teacher = copy.deepcopy(model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
     timings: dict[str, float] = {}
     if mode == "cached":
         # views are rendered for ALL classes once and stored under var/: runs with --classes reuse
@@ -179,13 +240,21 @@ def main(argv: list[str] | None = None) -> int:
         cdir = Path(args.var) / "cache"
         cdir.mkdir(parents=True, exist_ok=True)
         key = f"s{args.size}-f{args.freeze_blocks}-v{args.views}-i{args.iconic_views}-p{args.p_synth}-seed{args.seed}"
+        # another frozen part (--init), and other images (--adapt): caches of their own
+        tag = f"-init{hashlib.sha1(init_source.encode()).hexdigest()[:10]}" if args.init else ""
+        if args.adapt:
+            spec = f"{Path(args.adapt).resolve()}|{sorted(keep)}|{Path(args.data).resolve()}"
+            tag += f"-adapt{hashlib.sha1(spec.encode()).hexdigest()[:10]}"
+        if args.backbone != "lite0":
+            tag += f"-{args.backbone}"
+        key += tag
         t0 = time.time()
         vpath = cdir / f"views-{key}.pt"
         if vpath.exists():
             cache = torch.load(vpath)
         else:
-            full_ds = ds if len(train_classes) == len(classes) else TrainSet(train_all, classes, size=args.size,
-                                                                             p_synth=args.p_synth)
+            full_ds = ds if len(train_classes) == len(classes) or args.adapt else TrainSet(
+                train_all, classes, size=args.size, p_synth=args.p_synth)
             cache = cache_views(model, full_ds, args.views, args.iconic_views, args.seed, device,
                                 workers=args.workers)
             torch.save(cache, vpath)
@@ -195,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
 
         def clean(name, paths):
-            p = cdir / f"clean-{name}-s{args.size}-f{args.freeze_blocks}.pt"
+            p = cdir / f"clean-{name}-s{args.size}-f{args.freeze_blocks}{tag}.pt"
             if p.exists():
                 return torch.load(p)
             f = cache_clean(model, paths, cfg, device, desc=f"cache {name}")
@@ -221,8 +290,13 @@ def main(argv: list[str] | None = None) -> int:
                 yield h, cache["fine"][idx], cache["coarse"][idx]
 
         def forward(x):
-            e, c = model.head_forward(x)
-            return e, c
+            f = model.trainable_forward(x)
+            e = model.embed_from_features(f)
+            return f, e, model.coarse(e)
+
+        def teacher_pooled(x):
+            with torch.no_grad():
+                return teacher.gap(teacher.trainable_forward(x))
     else:
         sampler = PKSampler(ds.labels, ds.is_iconic, p=args.P, k=args.K,
                             batches_per_epoch=args.batches_per_epoch or None, seed=args.seed)
@@ -236,15 +310,18 @@ def main(argv: list[str] | None = None) -> int:
                 yield x, y, yc
 
         def forward(x):
-            _, e, c = model(x)
-            return e, c
+            return model(x)
+
+        def teacher_pooled(x):
+            with torch.no_grad():
+                return teacher.gap(teacher.trunk(x))
 
     backbone_params = [p for p in model.net.parameters() if p.requires_grad]
     head_params = [*model.proj.parameters(), *model.bn.parameters(), *model.coarse.parameters(), *head.parameters()]
     decay = lambda ps: [p for p in ps if p.ndim > 1]  # noqa: E731
     no_decay = lambda ps: [p for p in ps if p.ndim <= 1]  # noqa: E731
     groups = [
-        {"params": decay(backbone_params), "lr": args.lr, "weight_decay": args.weight_decay},
+        {"params": decay(backbone_params), "lr": args.lr, "weight_decay": 0.0 if args.l2sp else args.weight_decay},
         {"params": no_decay(backbone_params), "lr": args.lr, "weight_decay": 0.0},
         {"params": decay(head_params), "lr": args.lr * 10, "weight_decay": args.weight_decay},
         {"params": no_decay(head_params), "lr": args.lr * 10, "weight_decay": 0.0},
@@ -252,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     for g in groups:
         g["base_lr"] = g["lr"]
     opt = torch.optim.AdamW(groups)
+    sp_start = [p.detach().clone() for p in backbone_params] if args.l2sp else []
     n_trainable = sum(p.numel() for p in backbone_params + head_params)
 
     steps_per_epoch = min(len(sampler), args.max_batches or len(sampler))
@@ -309,25 +387,54 @@ def main(argv: list[str] | None = None) -> int:
         c_lab = np.array([c.fine_id for c in classes])
         seen = np.isin(q_lab, sorted(keep))
 
-        def sub(mask, cmask=None):
+        def sub(mask, cmask=None, emb=None):
+            q, c, g, logits = emb if emb is not None else (qe, ce, ge, ql)
             cm = np.ones(len(c_lab), bool) if cmask is None else cmask
-            return metrics_from_embeddings(qe[mask], q_lab[mask], q_coarse[mask], ql[mask], ce[cm], c_lab[cm],
-                                           n_cls_coarse, ge, g_lab, g_coarse)
+            return metrics_from_embeddings(q[mask], q_lab[mask], q_coarse[mask],
+                                           None if logits is None else logits[mask], c[cm], c_lab[cm],
+                                           n_cls_coarse, g, g_lab, g_coarse)
 
-        m = sub(seen)
+        def subsets(emb=None) -> dict:
+            out = sub(seen, emb=emb)
+            if full and (~seen).any():
+                out["unseen"] = sub(~seen, emb=emb)
+                # unseen classes against a gallery of only the unseen products (the 'new catalog' case)
+                out["unseen_catalog_only"] = sub(~seen, ~np.isin(c_lab, sorted(keep)), emb=emb)
+            return out
+
+        m = subsets()
         m["epoch"], m["eval_s"] = epoch, round(time.time() - t, 1)
-        if full and (~seen).any():
-            m["unseen"] = sub(~seen)
-            # unseen classes against a gallery of only the unseen products (the 'new catalog' case)
-            m["unseen_catalog_only"] = sub(~seen, ~np.isin(c_lab, sorted(keep)))
+        if full:
+            # the frozen starting trunk (GAP, the same input size) on the same queries and galleries:
+            # ImageNet's, or the --init model's
+            m[reference_key] = subsets(reference_embeddings())
         return m
 
+    def reference_embeddings() -> tuple[np.ndarray, np.ndarray, np.ndarray, None]:
+        if mode == "cached":
+            return (embed_cached_gap(teacher, val_all_feats, device), embed_cached_gap(teacher, cat_feats, device),
+                    embed_cached_gap(teacher, clean(args.train_split, [s.path for s in train_all]), device), None)
+
+        def fn(x: np.ndarray) -> tuple[np.ndarray, None]:
+            with torch.no_grad():
+                return teacher.gap(teacher.trunk(torch.from_numpy(x).to(device))).float().cpu().numpy(), None
+
+        return (embed_paths(fn, [s.path for s in val], cfg)[0], embed_paths(fn, [c.iconic for c in classes], cfg)[0],
+                embed_paths(fn, [s.path for s in train_all], cfg, progress=True)[0], None)
+
+    log["init"], log["adapt"], log["n_backgrounds"] = init_source, args.adapt or None, len(backgrounds)
+    if args.init:
+        # the starting model on the same queries: what adapting (or fine-tuning further) changed
+        log["start"] = run_eval(0, full=True)
+        print("start (epoch 0):", json.dumps({k: v for k, v in log["start"].items() if not isinstance(v, dict)}),
+              flush=True)
     best = {"score": -1.0, "epoch": -1}
     step, train_time, n_imgs = 0, 0.0, 0
     model.train()
     for epoch in range(1, args.epochs + 1):
         sampler.set_epoch(epoch)
-        sums = {"loss": 0.0, "margin_loss": 0.0, "triplet_loss": 0.0, "coarse_loss": 0.0, "train_acc": 0.0}
+        sums = {"loss": 0.0, "margin_loss": 0.0, "triplet_loss": 0.0, "coarse_loss": 0.0, "distill_loss": 0.0,
+                "l2sp_loss": 0.0, "train_acc": 0.0}
         nb = 0
         t_ep = time.time()
         bar = tqdm(batches(), total=steps_per_epoch, desc=f"epoch {epoch}/{args.epochs}", unit="batch",
@@ -339,17 +446,26 @@ def main(argv: list[str] | None = None) -> int:
             f = lr_factor(step, total_steps, warmup)
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * f
-            emb, coarse_logits = forward(x)
+            fmap, emb, coarse_logits = forward(x)
             l_m = head(emb, y)
             l_t = batch_hard_triplet(emb, y, margin=args.triplet_margin)
             l_c = torch.nn.functional.cross_entropy(coarse_logits, yc)
             loss = l_m + args.triplet_weight * l_t + args.coarse_weight * l_c
+            l_d = l_sp = loss.new_zeros(())
+            if args.distill == "feature":
+                l_d = feature_distill(model.gap(fmap), teacher_pooled(x))
+            elif args.distill == "relation":
+                l_d = relation_distill(emb, teacher_pooled(x))
+            if args.l2sp:
+                l_sp = l2sp(backbone_params, sp_start)
+            loss = loss + args.distill_weight * l_d + args.l2sp * l_sp
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             with torch.no_grad():
                 acc = (head.cosine(emb).argmax(1) == y).float().mean().item()
-            for k, v in (("loss", loss), ("margin_loss", l_m), ("triplet_loss", l_t), ("coarse_loss", l_c)):
+            for k, v in (("loss", loss), ("margin_loss", l_m), ("triplet_loss", l_t), ("coarse_loss", l_c),
+                         ("distill_loss", l_d), ("l2sp_loss", l_sp)):
                 sums[k] += float(v.detach())
             sums["train_acc"] += acc
             nb += 1
@@ -363,7 +479,8 @@ def main(argv: list[str] | None = None) -> int:
         rec.update(epoch=epoch, seconds=round(dt, 1), imgs_per_s=round(nb * args.P * args.K / dt, 2))
         log["epochs"].append(rec)
         print(f"epoch {epoch}: loss {rec['loss']:.3f} (margin {rec['margin_loss']:.3f}, triplet "
-              f"{rec['triplet_loss']:.3f}, coarse {rec['coarse_loss']:.3f}) train acc {rec['train_acc']:.2f} "
+              f"{rec['triplet_loss']:.3f}, coarse {rec['coarse_loss']:.3f}, distill {rec['distill_loss']:.4f}, "
+              f"l2sp {rec['l2sp_loss']:.3f}) train acc {rec['train_acc']:.2f} "
               f"{dt:.0f}s {rec['imgs_per_s']} img/s", flush=True)
         if epoch % args.eval_every == 0 or epoch == args.epochs:
             m = run_eval(epoch)
@@ -400,6 +517,10 @@ def main(argv: list[str] | None = None) -> int:
     if "unseen" in final:
         print("unseen classes:", json.dumps(final["unseen"]), "\n  catalog of unseen only:",
               json.dumps(final["unseen_catalog_only"]), flush=True)
+    if reference_key in final:
+        ref = final[reference_key]
+        print(f"{init_source} trunk (GAP) on the same queries:", json.dumps({k: v for k, v in ref.items() if not isinstance(v, dict)}),
+              *(f"\n  {k}: {json.dumps(ref[k])}" for k in ("unseen", "unseen_catalog_only") if k in ref), flush=True)
     with open(reports / f"train-{name}.json", "w") as fh:
         json.dump(log, fh, indent=1)
     plot(log, reports / f"train-{name}.png")
@@ -408,7 +529,7 @@ def main(argv: list[str] | None = None) -> int:
         from offline.training.export import export_and_register
 
         model.cpu().eval()
-        entry = export_and_register(model, name=name, cfg=cfg, data_dir=args.data, log=log,
+        entry = export_and_register(model, name=name, cfg=cfg, data_dir=root, log=log,
                                     model_dir=args.model_dir, register=not args.no_register,
                                     activate=args.activate, check_images=[s.path for s in val[:16]])
         log["export"] = entry

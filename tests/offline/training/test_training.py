@@ -20,7 +20,14 @@ from offline.training.data import (
     read_split,
     synth_shop,
 )
-from offline.training.losses import MarginSoftmax, batch_hard_mine, batch_hard_triplet
+from offline.training.losses import (
+    MarginSoftmax,
+    batch_hard_mine,
+    batch_hard_triplet,
+    feature_distill,
+    l2sp,
+    relation_distill,
+)
 
 REPO = Path(__file__).resolve().parents[3]
 SHIPPED = "lite0-grocery-v2-s224"
@@ -97,6 +104,41 @@ def test_batch_hard_triplet_picks_hardest():
     # well separated clusters -> zero loss
     e2 = torch.tensor([[1.0, 0], [1.0, 0.01], [-1.0, 0], [-1.0, 0.01]])
     assert float(batch_hard_triplet(e2, torch.tensor([0, 0, 1, 1]))) == 0.0
+
+
+def test_distillation_losses_vanish_on_the_teacher_and_pull_toward_it():
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.randn(12, 40, generator=g)
+    # the same features (any positive scale): nothing to distill
+    assert float(feature_distill(3.0 * teacher, teacher)) == pytest.approx(0.0, abs=1e-6)
+    # relation: only the similarity structure counts, so a rotation of the teacher's space is free
+    q, _ = torch.linalg.qr(torch.randn(40, 40, generator=g))
+    assert float(relation_distill(teacher @ q, teacher)) == pytest.approx(0.0, abs=1e-6)
+    # an unrelated embedding costs something, and gradient steps on it bring the loss down
+    emb = torch.randn(12, 16, generator=g, requires_grad=True)
+    start = float(relation_distill(emb, teacher).detach())
+    assert start > 0.01
+    opt = torch.optim.SGD([emb], lr=5.0)
+    for _ in range(50):
+        opt.zero_grad()
+        relation_distill(emb, teacher).backward()
+        opt.step()
+    assert float(relation_distill(emb, teacher).detach()) < 0.5 * start
+    # the teacher side never receives a gradient
+    t = teacher.clone().requires_grad_(True)
+    relation_distill(torch.randn(12, 16, generator=g, requires_grad=True), t).backward()
+    assert t.grad is None
+
+
+def test_l2sp_is_zero_at_the_pretrained_weights_and_quadratic_away():
+    w0 = [torch.randn(3, 4), torch.randn(5)]
+    w = [p.clone().requires_grad_(True) for p in w0]
+    assert float(l2sp(w, w0).detach()) == 0.0
+    with torch.no_grad():
+        w[0] += 2.0
+    assert float(l2sp(w, w0).detach()) == pytest.approx(0.5 * 12 * 4.0)
+    l2sp(w, w0).backward()
+    assert torch.allclose(w[0].grad, torch.full((3, 4), 2.0)) and torch.allclose(w[1].grad, torch.zeros(5))
 
 
 @pytest.fixture(scope="module")
