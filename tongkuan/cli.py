@@ -1,10 +1,13 @@
-"""``tongkuan`` command line: ingest, search, delete, similar, stats, reembed, keys.
+"""``tongkuan`` command line: ingest, search, delete, similar, stats, reembed, keys, train.
 
 Every command runs in this process on the configured index (``tongkuan.config.ToolConfig``): it
 writes to the generations that catalog writes must reach and searches the serving one, as the
 worker and the API do. The offline tools (training, evaluation, benchmarks, drills, catalog
-hygiene, the demo) are ``python -m offline <tool>``. ``keys`` manages the query API's keys file
-(``TONGKUAN_API__KEYS_FILE`` or ``--file``).
+hygiene, the demo) are ``python -m offline <tool>``; ``train`` is the trainer's own command line
+(``offline.training.train``: ``tongkuan train --adapt CATALOG`` adapts the shipped model to a new
+catalog from its catalog images), with the runtime's model dir as its registry; it needs the
+``train`` extra (torch). ``keys`` manages the query API's keys file (``TONGKUAN_API__KEYS_FILE`` or
+``--file``).
 """
 
 from __future__ import annotations
@@ -190,6 +193,18 @@ def cmd_reembed(args, cfg: ToolConfig) -> int:
     return 0 if rep.switched or args.no_switch and not rep.missing else 1
 
 
+def cmd_train(args, cfg: ToolConfig) -> int:
+    try:
+        from offline.training.train import main as train_main
+    except ImportError as e:
+        print(f"error: training needs the train extra (torch): pip install 'tongkuan[train]' ({e})", file=sys.stderr)
+        return 2
+    argv = list(args.train_args)
+    if not any(a == "--model-dir" or a.startswith("--model-dir=") for a in argv):
+        argv += ["--model-dir", str(cfg.runtime.model_dir)]
+    return train_main(argv)
+
+
 def cmd_keys(args, cfg: ToolConfig) -> int:
     from query.access import SCOPES, KeyFileError, add_key, read_keys, revoke_key
 
@@ -305,6 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", type=int, default=0, help="items per page/task (default: ingest batch size)")
     s.set_defaults(func=cmd_reembed)
 
+    s = sub.add_parser("train", add_help=False,
+                       help="fine-tune the embedding, or --adapt CATALOG: a new catalog from its catalog images only "
+                            "(the trainer's options: tongkuan train --help; needs the train extra)")
+    s.set_defaults(func=cmd_train, train_args=[])  # everything after ``train`` goes to the trainer (main)
+
     s = sub.add_parser("keys", help="API keys of the query API (the keys file: TONGKUAN_API__KEYS_FILE)")
     s.add_argument("--file", help="the keys file (default: TONGKUAN_API__KEYS_FILE)")
     s.set_defaults(func=cmd_keys)
@@ -321,7 +341,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if command is not None and argv[command] == "train":  # the trainer parses its own options
+        args = build_parser().parse_args(argv[:command + 1])
+        args.train_args = argv[command + 1:]
+    else:
+        args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -95,3 +95,22 @@ def _with(parser, command, func):
     for action in parser._subparsers._group_actions:  # noqa: SLF001 - rebind one sub-command
         action.choices[command].set_defaults(func=func)
     return parser
+
+
+def test_train_hands_its_options_to_the_trainer_with_the_runtime_registry(env, capsys, monkeypatch, tmp_path):
+    import offline.training.train as trainer
+
+    seen = {}
+    real = trainer.main
+    monkeypatch.setattr(trainer, "main", lambda argv: seen.setdefault("argv", argv) and 0)
+    assert main(["train", "--adapt", str(tmp_path), "--classes", "41-80", "--help"]) == 0
+    argv = seen["argv"]
+    assert argv[:5] == ["--adapt", str(tmp_path), "--classes", "41-80", "--help"]
+    assert argv[5] == "--model-dir" and Path(argv[6]).name  # the configured model dir, unless given
+    seen.clear()
+    main(["train", "--model-dir", "x"])
+    assert seen["argv"] == ["--model-dir", "x"]
+    # a catalog that is not there: one line, not a traceback
+    monkeypatch.setattr(trainer, "main", real)
+    assert main(["train", "--adapt", str(tmp_path / "missing"), "--epochs", "1"]) == 2
+    assert "error:" in capsys.readouterr().err
