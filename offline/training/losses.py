@@ -83,14 +83,22 @@ def feature_distill(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tenso
 
 
 def relation_distill(emb: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Relational distillation: the batch's cosine-similarity matrix of the embeddings is pulled
-    toward that of the frozen pretrained features (mean squared difference off the diagonal). It
+    """Relational distillation: the batch's cosine similarities of the embeddings are pulled toward
+    the frozen pretrained features' similarities, compared after standardising each set of
+    off-diagonal similarities (zero mean, unit variance): the loss is 2·(1 − Pearson correlation),
+    so only the structure — which pairs are closer than which — is distilled, not the level (the
+    ImageNet features are non-negative and all fairly similar; a trained embedding is centred). It
     constrains the embedding itself (projection included) without tying its dimension to the
     teacher's: products the training never saw keep the neighbourhoods ImageNet gave them."""
     e = F.normalize(emb, dim=1)
     t = F.normalize(teacher.detach(), dim=1)
     off = ~torch.eye(len(e), dtype=torch.bool, device=e.device)
-    return ((e @ e.t() - t @ t.t())[off] ** 2).mean()
+
+    def standard(s: torch.Tensor) -> torch.Tensor:
+        v = s[off]
+        return (v - v.mean()) / v.std().clamp(min=1e-6)
+
+    return ((standard(e @ e.t()) - standard(t @ t.t())) ** 2).mean()
 
 
 def l2sp(params: list[torch.Tensor], start: list[torch.Tensor]) -> torch.Tensor:
