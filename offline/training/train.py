@@ -20,8 +20,10 @@ and ``reports/train-<out>.png``, the best weights to ``var/training/<out>/best.p
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import hashlib
+import io
 import json
 import math
 import os
@@ -90,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--distill-weight", type=float, default=1.0)
     ap.add_argument("--l2sp", type=float, default=0.0,
                     help="L2-SP weight: penalise the backbone's distance to its pretrained weights (no weight decay there)")
+    ap.add_argument("--wise", default="",
+                    help="weight-space ensembles with the ImageNet weights (WiSE-FT): comma-separated α in [0, 1] "
+                         "(trunk = α·trained + (1−α)·ImageNet; the head stays trained); each is evaluated and the "
+                         "best on the trained classes' val photos is kept (1, the trained weights, always competes)")
     ap.add_argument("--lr", type=float, default=4e-4, help="backbone learning rate (head: x10)")
     ap.add_argument("--weight-decay", type=float, default=1e-4)
     ap.add_argument("--p-synth", type=float, default=0.75, help="P(catalog image is pasted on a shop background)")
@@ -140,7 +146,7 @@ def plot(log: dict, path: Path) -> None:
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     x = [e["epoch"] for e in ep]
     for key in ("loss", "margin_loss", "triplet_loss", "coarse_loss", "distill_loss"):
-        if key not in ep[0]:
+        if not ep or key not in ep[0]:
             continue
         ax[0].plot(x, [e[key] for e in ep], label=key)
     ax[0].set_xlabel("epoch")
@@ -160,6 +166,52 @@ def plot(log: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def selection_score(m: dict, select: str) -> float:
+    """The checkpoint (and WiSE α) selection score on the trained classes' val photos."""
+    score = m["photo2catalog_r1"] + 0.01 * m["photo2catalog_r5"]
+    if select != "p2c":
+        score += m.get("photo2photo_r1", 0.0)
+    if select == "p2c+p2p+coarse":
+        score += m.get("coarse_fused_acc", 0.0)
+    return score
+
+
+def wise_ensembles(model: EmbeddingNet, alphas: list[float], evaluate, args) -> tuple[dict, list[dict]]:
+    """WiSE-FT (Wortsman et al. 2022): for each α, the trunk's weights and BatchNorm statistics
+    become α·trained + (1−α)·ImageNet (the head, which has no pretrained counterpart, stays as
+    trained) and ``evaluate()`` scores it; the best by ``selection_score`` on the trained classes
+    is loaded into ``model``. Returns (its metrics, every α's metrics)."""
+    if args.init and Path(args.init).suffix != ".pt":
+        raise SystemExit("--wise needs ImageNet-compatible trunk weights: not with an --init from an ONNX export "
+                         "(its BatchNorms are folded into the convolutions)")
+    if any(not 0.0 <= a <= 1.0 for a in alphas):
+        raise SystemExit(f"--wise: every α must be in [0, 1], got {alphas}")
+    with contextlib.redirect_stdout(io.StringIO()):
+        start = EmbeddingNet(dim=model.dim, n_coarse=model.n_coarse, freeze_blocks=model.freeze_blocks,
+                             backbone=model.backbone).state_dict()
+    trained = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def mix(a: float) -> None:
+        model.load_state_dict({k: a * v + (1 - a) * start[k].to(v.device)
+                               if k.startswith("net.") and v.is_floating_point() else v for k, v in trained.items()})
+
+    rows, best = [], None
+    for a in sorted(set(alphas) | {1.0}):
+        mix(a)
+        m = evaluate()
+        m["wise_alpha"] = a
+        rows.append(m)
+        print(f"  WiSE α={a:.2f}: seen p2c {m['photo2catalog_r1']:.3f} p2p {m.get('photo2photo_r1', float('nan')):.3f}"
+              + (f" | unseen p2c {m['unseen']['photo2catalog_r1']:.3f} p2p {m['unseen']['photo2photo_r1']:.3f}"
+                 if "unseen" in m else ""), flush=True)
+        if best is None or selection_score(m, args.select) > selection_score(best, args.select):
+            best = m
+    a = best["wise_alpha"]
+    mix(a)
+    print(f"  WiSE: α={a:.2f} kept (best on the trained classes' val photos)", flush=True)
+    return best, rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,7 +302,9 @@ def main(argv: list[str] | None = None) -> int:
         key += tag
         t0 = time.time()
         vpath = cdir / f"views-{key}.pt"
-        if vpath.exists():
+        if args.epochs == 0:  # nothing to train (a study of the starting weights): one view per catalog image
+            cache = cache_views(model, ds, 0, 1, args.seed, device, workers=0, progress=False)
+        elif vpath.exists():
             cache = torch.load(vpath)
         else:
             full_ds = ds if len(train_classes) == len(classes) or args.adapt else TrainSet(
@@ -489,11 +543,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"coarse head {m.get('coarse_head_acc', float('nan')):.3f} photo→photo R@1 "
                   f"{m.get('photo2photo_r1', float('nan')):.3f} coarse fused "
                   f"{m.get('coarse_fused_acc', float('nan')):.3f} ({m['eval_s']}s)", flush=True)
-            score = m["photo2catalog_r1"] + 0.01 * m["photo2catalog_r5"]
-            if args.select != "p2c":
-                score += m.get("photo2photo_r1", 0.0)
-            if args.select == "p2c+p2p+coarse":
-                score += m.get("coarse_fused_acc", 0.0)
+            score = selection_score(m, args.select)
             if score >= best["score"]:
                 best = {"score": score, "epoch": epoch}
                 torch.save({"model": model.state_dict(), "margin_head": head.state_dict(), "args": vars(args), "epoch": epoch,
@@ -507,9 +557,15 @@ def main(argv: list[str] | None = None) -> int:
     log["best_epoch"] = best["epoch"]
     print(f"training: {train_time / 60:.1f} min, {log['train_imgs_per_s']} img/s; best epoch {best['epoch']}",
           flush=True)
-    ck = torch.load(var / "best.pt", map_location=device)
-    model.load_state_dict(ck["model"])
-    final = run_eval(best["epoch"], full=True) if not args.skip_final_eval else {}
+    if best["epoch"] >= 0:  # else --epochs 0: the starting weights as they are (with --init, a model to study)
+        ck = torch.load(var / "best.pt", map_location=device)
+        model.load_state_dict(ck["model"])
+    if args.wise and not args.skip_final_eval:
+        chosen, log["wise"] = wise_ensembles(model, [float(a) for a in args.wise.split(",") if a],
+                                             lambda: run_eval(best["epoch"], full=True), args)
+        final = chosen
+    else:
+        final = run_eval(best["epoch"], full=True) if not args.skip_final_eval else {}
     log["final"] = final
     if final:
         print("final val (best epoch):", json.dumps({k: v for k, v in final.items() if not isinstance(v, dict)}),

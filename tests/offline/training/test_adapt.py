@@ -74,3 +74,39 @@ def test_catalog_only_items_with_backgrounds_of_other_products(grocery):
     # without photos or backgrounds there is nothing to paste on: a plain crop of the catalog image
     plain = TrainSet([], classes, size=64, p_synth=1.0, preload=False)
     assert plain[(1, 3)][0].shape == (3, 64, 64)
+
+
+def test_wise_mixes_the_trunk_toward_imagenet_keeps_the_head_and_picks_on_the_trained_classes():
+    import argparse
+    import contextlib
+    import io
+
+    from offline.training.train import wise_ensembles
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        model = EmbeddingNet(dim=16, n_coarse=5, freeze_blocks=8)
+        imagenet = EmbeddingNet(dim=16, n_coarse=5, freeze_blocks=8).state_dict()
+    w = "net._conv_head.weight"
+    with torch.no_grad():
+        model.net._conv_head.weight.add_(1.0)  # "trained": the trunk moved away from ImageNet
+        model.proj.weight.fill_(0.5)          # the head has no pretrained counterpart
+    seen = []
+
+    def evaluate():
+        shift = float((model.state_dict()[w] - imagenet[w]).mean())  # = α
+        seen.append(shift)
+        # the trained classes' score peaks at α = 0.6; unseen ones would prefer less: not looked at
+        return {"photo2catalog_r1": 1 - abs(shift - 0.6), "photo2catalog_r5": 1.0,
+                "unseen": {"photo2catalog_r1": 1 - shift, "photo2photo_r1": 0.0}, "photo2photo_r1": 0.0}
+
+    args = argparse.Namespace(init="", select="p2c")
+    best, rows = wise_ensembles(model, [0.0, 0.3, 0.6], evaluate, args)
+    assert [r["wise_alpha"] for r in rows] == [0.0, 0.3, 0.6, 1.0]  # the trained weights always compete
+    assert seen == pytest.approx([0.0, 0.3, 0.6, 1.0], abs=1e-5)
+    assert best["wise_alpha"] == 0.6
+    assert float((model.state_dict()[w] - imagenet[w]).mean()) == pytest.approx(0.6, abs=1e-5)  # left at 0.6
+    assert torch.all(model.proj.weight == 0.5)
+    with pytest.raises(SystemExit, match="ONNX"):
+        wise_ensembles(model, [0.5], evaluate, argparse.Namespace(init="models/x.onnx", select="p2c"))
+    with pytest.raises(SystemExit, match=r"\[0, 1\]"):
+        wise_ensembles(model, [1.5], evaluate, args)
