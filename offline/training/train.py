@@ -168,6 +168,12 @@ def plot(log: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _concat(e: np.ndarray, g: np.ndarray, w: float) -> np.ndarray:
+    """[embedding, w · trunk descriptor], L2-normalised (both parts unit-length before)."""
+    x = np.concatenate([e, w * g], axis=1)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
 def selection_score(m: dict, select: str) -> float:
     """The checkpoint (and WiSE α) selection score on the trained classes' val photos."""
     score = m["photo2catalog_r1"] + 0.01 * m["photo2catalog_r5"]
@@ -461,17 +467,29 @@ def main(argv: list[str] | None = None) -> int:
         if full:
             # the frozen starting trunk (GAP, the same input size) on the same queries and galleries:
             # ImageNet's, or the --init model's
-            m[reference_key] = subsets(reference_embeddings())
+            m[reference_key] = subsets(trunk_embeddings(teacher))
+            # the trained trunk's own GAP descriptor, alone and beside the embedding (the projection
+            # head is fitted to the trained products; the trunk below it stays more general)
+            own = trunk_embeddings(model)
+            m["trunk_descriptor"] = {"gap": subsets(own), **{
+                f"concat_w{w:g}": subsets(tuple(_concat(e, g, w) for e, g in zip((qe, ce, ge), own[:3], strict=True))
+                                          + (None,))
+                for w in (1.0, 2.0)}}
         return m
 
-    def reference_embeddings() -> tuple[np.ndarray, np.ndarray, np.ndarray, None]:
+    def trunk_embeddings(net: EmbeddingNet) -> tuple[np.ndarray, np.ndarray, np.ndarray, None]:
+        """L2-normalised GAP of ``net``'s trunk for the val photos, the catalog and the train photos."""
         if mode == "cached":
-            return (embed_cached_gap(teacher, val_all_feats, device), embed_cached_gap(teacher, cat_feats, device),
-                    embed_cached_gap(teacher, clean(args.train_split, [s.path for s in train_all]), device), None)
+            return (embed_cached_gap(net, val_all_feats, device), embed_cached_gap(net, cat_feats, device),
+                    embed_cached_gap(net, clean(args.train_split, [s.path for s in train_all]), device), None)
 
         def fn(x: np.ndarray) -> tuple[np.ndarray, None]:
+            was = net.training
+            net.eval()
             with torch.no_grad():
-                return teacher.gap(teacher.trunk(torch.from_numpy(x).to(device))).float().cpu().numpy(), None
+                out = net.gap(net.trunk(torch.from_numpy(x).to(device))).float().cpu().numpy()
+            net.train(was)
+            return out, None
 
         return (embed_paths(fn, [s.path for s in val], cfg)[0], embed_paths(fn, [c.iconic for c in classes], cfg)[0],
                 embed_paths(fn, [s.path for s in train_all], cfg, progress=True)[0], None)
@@ -573,6 +591,10 @@ def main(argv: list[str] | None = None) -> int:
     if "unseen" in final:
         print("unseen classes:", json.dumps(final["unseen"]), "\n  catalog of unseen only:",
               json.dumps(final["unseen_catalog_only"]), flush=True)
+    for kind, d in final.get("trunk_descriptor", {}).items():
+        print(f"trained trunk, {kind}: seen p2c {d['photo2catalog_r1']:.3f} p2p {d.get('photo2photo_r1', float('nan')):.3f}"
+              + (f" | unseen p2c {d['unseen']['photo2catalog_r1']:.3f} p2p {d['unseen']['photo2photo_r1']:.3f}"
+                 if "unseen" in d else ""), flush=True)
     if reference_key in final:
         ref = final[reference_key]
         print(f"{init_source} trunk (GAP) on the same queries:", json.dumps({k: v for k, v in ref.items() if not isinstance(v, dict)}),

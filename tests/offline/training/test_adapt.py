@@ -110,3 +110,13 @@ def test_wise_mixes_the_trunk_toward_imagenet_keeps_the_head_and_picks_on_the_tr
         wise_ensembles(model, [0.5], evaluate, argparse.Namespace(init="models/x.onnx", select="p2c"))
     with pytest.raises(SystemExit, match=r"\[0, 1\]"):
         wise_ensembles(model, [1.5], evaluate, args)
+
+
+def test_the_trunk_descriptor_concatenation_is_unit_length_and_weighted():
+    from offline.training.train import _concat
+
+    e = np.array([[1.0, 0.0], [0.0, 1.0]])
+    g = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    x = _concat(e, g, 2.0)
+    assert x.shape == (2, 5) and np.allclose(np.linalg.norm(x, axis=1), 1.0)
+    assert np.allclose(x[0], np.array([1, 0, 0, 2, 0]) / np.sqrt(5))  # the trunk part weighs w times more
