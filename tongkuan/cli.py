@@ -3,10 +3,10 @@
 Every command runs in this process on the configured index (``tongkuan.config.ToolConfig``): it
 writes to the generations that catalog writes must reach and searches the serving one, as the
 worker and the API do. The offline tools (training, evaluation, benchmarks, drills, catalog
-hygiene, the demo) are ``python -m offline <tool>``; ``train`` is the trainer's own command line
-(``offline.training.train``: ``tongkuan train --adapt CATALOG`` adapts the shipped model to a new
-catalog from its catalog images), with the runtime's model dir as its registry; it needs the
-``train`` extra (torch). ``keys`` manages the query API's keys file (``TONGKUAN_API__KEYS_FILE`` or
+hygiene, the demo) are ``python -m offline <tool>``; ``train`` launches the trainer
+(``python -m offline train`` in this process's place, not imported: ``tongkuan train --adapt CATALOG``
+adapts the shipped model to a new catalog from its catalog images), with the runtime's model dir as
+its registry; it needs the ``train`` extra (torch). ``keys`` manages the query API's keys file (``TONGKUAN_API__KEYS_FILE`` or
 ``--file``).
 """
 
@@ -194,15 +194,21 @@ def cmd_reembed(args, cfg: ToolConfig) -> int:
 
 
 def cmd_train(args, cfg: ToolConfig) -> int:
-    try:
-        from offline.training.train import main as train_main
-    except ImportError as e:
-        print(f"error: training needs the train extra (torch): pip install 'tongkuan[train]' ({e})", file=sys.stderr)
+    """Hand over to the trainer (``python -m offline train``) in this process's place: the offline
+    tools sit above the serving packages, so the command line launches them rather than import them."""
+    import importlib.util
+    import os
+
+    if importlib.util.find_spec("torch") is None:
+        print("error: training needs the train extra (torch): pip install 'tongkuan[train]'", file=sys.stderr)
         return 2
     argv = list(args.train_args)
     if not any(a == "--model-dir" or a.startswith("--model-dir=") for a in argv):
         argv += ["--model-dir", str(cfg.runtime.model_dir)]
-    return train_main(argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "offline", "train", *argv])
+    return 0  # not reached: execv replaces the process
 
 
 def cmd_keys(args, cfg: ToolConfig) -> int:

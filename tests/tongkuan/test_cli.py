@@ -97,20 +97,34 @@ def _with(parser, command, func):
     return parser
 
 
-def test_train_hands_its_options_to_the_trainer_with_the_runtime_registry(env, capsys, monkeypatch, tmp_path):
-    import offline.training.train as trainer
+def test_train_hands_its_options_to_the_trainer_with_the_runtime_registry(env, monkeypatch, tmp_path):
+    import os
+    import sys
 
-    seen = {}
-    real = trainer.main
-    monkeypatch.setattr(trainer, "main", lambda argv: seen.setdefault("argv", argv) and 0)
+    launched = []
+    monkeypatch.setattr(os, "execv", lambda exe, argv: launched.append((exe, argv)))
     assert main(["train", "--adapt", str(tmp_path), "--classes", "41-80", "--help"]) == 0
-    argv = seen["argv"]
-    assert argv[:5] == ["--adapt", str(tmp_path), "--classes", "41-80", "--help"]
-    assert argv[5] == "--model-dir" and Path(argv[6]).name  # the configured model dir, unless given
-    seen.clear()
+    exe, argv = launched[-1]
+    assert exe == sys.executable and argv[1:4] == ["-m", "offline", "train"]
+    assert argv[4:9] == ["--adapt", str(tmp_path), "--classes", "41-80", "--help"]
+    assert argv[9] == "--model-dir" and Path(argv[10]).name  # the configured model dir, unless given
     main(["train", "--model-dir", "x"])
-    assert seen["argv"] == ["--model-dir", "x"]
-    # a catalog that is not there: one line, not a traceback
-    monkeypatch.setattr(trainer, "main", real)
-    assert main(["train", "--adapt", str(tmp_path / "missing"), "--epochs", "1"]) == 2
-    assert "error:" in capsys.readouterr().err
+    assert launched[-1][1][4:] == ["--model-dir", "x"]
+
+
+def test_train_without_torch_is_one_line(env, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    assert main(["train", "--epochs", "1"]) == 2
+    assert "the train extra" in capsys.readouterr().err
+
+
+def test_the_trainer_launched_for_real_refuses_a_missing_catalog(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "tongkuan.cli", "train", "--adapt", str(tmp_path / "missing"),
+                          "--epochs", "1", "--model-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "missing" in out.stderr
