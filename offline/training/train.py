@@ -286,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"init from {init_source}: {load_onnx_into(model, init_path)}", flush=True)
     model = model.to(device)
     head = MarginSoftmax(args.dim, n_fine, kind=args.loss, s=args.scale, m=args.margin).to(device)
-    # the frozen ImageNet network: the distillation target and the reference scored beside every run
+    # the frozen starting network (ImageNet, or the --init model): the distillation target and the
+    # reference scored beside every run
     teacher = copy.deepcopy(model).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
