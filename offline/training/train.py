@@ -29,6 +29,7 @@ import math
 import os
 import platform
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -245,6 +246,10 @@ def main(argv: list[str] | None = None) -> int:
         same = Path(args.adapt).resolve() == Path(args.data).resolve()
         backgrounds = [s for s in read_split(args.data, args.train_split) if not (same and s.fine_id in keep)]
         train = []
+        if not backgrounds:
+            print(f"warning: {args.data} has no train photos outside the adapted products: the catalog images are "
+                  "trained on as plain crops, without catalog → shop syntheses (point --data at another dataset)",
+                  file=sys.stderr, flush=True)
         args.init = args.init or "active"
         if not args.batches_per_epoch:
             args.batches_per_epoch = max(1, len(train_classes) * args.iconic_views // (args.P * args.K))
