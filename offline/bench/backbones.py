@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -118,9 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     cfg = load(ToolConfig)
     threads = cfg.runtime.ort_threads
-    with tempfile.TemporaryDirectory(prefix="tongkuan-backbones-") as work:
-        rows = [bench_backbone(b, args.data, args.split, args.size, threads, Path(work))
-                for b in args.backbones.split(",") if b]
+    try:
+        with tempfile.TemporaryDirectory(prefix="tongkuan-backbones-") as work:
+            rows = [bench_backbone(b, args.data, args.split, args.size, threads, Path(work))
+                    for b in args.backbones.split(",") if b]
+    except (FileNotFoundError, ValueError) as e:  # no dataset there; an unknown backbone
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     base = next((r for r in rows if r["backbone"] == "lite0"), rows[0])
     for r in rows:
         r["cost_ratio_to_lite0"] = round(r["cost"]["batch_1"]["ms_per_image"] / base["cost"]["batch_1"]["ms_per_image"], 2)

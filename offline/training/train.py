@@ -222,7 +222,20 @@ def wise_ensembles(model: EmbeddingNet, alphas: list[float], evaluate, args) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line: a missing dataset or model, or an export that is not this architecture, is
+    one line on stderr (exit 2), not a traceback."""
+    from offline.training.from_onnx import OnnxImportError
+    from vision.registry import ModelNotAvailable
+
     args = build_parser().parse_args(argv)
+    try:
+        return run_training(args)
+    except (FileNotFoundError, ModelNotAvailable, OnnxImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run_training(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     device = pick_device(args.device)
@@ -501,8 +514,9 @@ def main(argv: list[str] | None = None) -> int:
                 embed_paths(fn, [s.path for s in train_all], cfg, progress=True)[0], None)
 
     log["init"], log["adapt"], log["n_backgrounds"] = init_source, args.adapt or None, len(backgrounds)
-    if args.init:
+    if args.init and args.epochs > 0:
         # the starting model on the same queries: what adapting (or fine-tuning further) changed
+        # (with --epochs 0 the final evaluation is of these very weights)
         log["start"] = run_eval(0, full=True)
         print("start (epoch 0):", json.dumps({k: v for k, v in log["start"].items() if not isinstance(v, dict)}),
               flush=True)

@@ -127,4 +127,4 @@ def test_the_trainer_launched_for_real_refuses_a_missing_catalog(tmp_path):
 
     out = subprocess.run([sys.executable, "-m", "tongkuan.cli", "train", "--adapt", str(tmp_path / "missing"),
                           "--epochs", "1", "--model-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
-    assert out.returncode != 0 and "missing" in out.stderr
+    assert out.returncode == 2 and "missing" in out.stderr and "Traceback" not in out.stderr

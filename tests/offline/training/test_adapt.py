@@ -120,3 +120,13 @@ def test_the_trunk_descriptor_concatenation_is_unit_length_and_weighted():
     x = _concat(e, g, 2.0)
     assert x.shape == (2, 5) and np.allclose(np.linalg.norm(x, axis=1), 1.0)
     assert np.allclose(x[0], np.array([1, 0, 0, 2, 0]) / np.sqrt(5))  # the trunk part weighs w times more
+
+
+def test_the_trainer_refuses_a_missing_dataset_model_or_export_in_one_line(tmp_path, capsys):
+    from offline.training.train import main as train_main
+
+    assert train_main(["--adapt", str(tmp_path / "nowhere"), "--epochs", "1"]) == 2
+    assert "nowhere" in capsys.readouterr().err
+    assert train_main(["--classes", "0-40", "--init", "no-such-model", "--model-dir", str(REPO / "models"),
+                       "--epochs", "0", "--var", str(tmp_path / "var"), "--reports", str(tmp_path)]) == 2
+    assert "no-such-model" in capsys.readouterr().err
