@@ -12,6 +12,8 @@ TOOLS = {
     "model": ("offline.training.imagenet", "export the ImageNet EfficientNet-Lite0 to ONNX; verify shipped models"),
     "text-model": ("offline.training.text_model", "export the all-MiniLM-L6-v2 title encoder to ONNX (checked vs torch)"),
     "text-eval": ("offline.text_eval", "title/text -> item, image, image + text fused (RRF / weighted): --data DIR --split NAME"),
+    "descriptor": ("offline.training.descriptor",
+                   "derive a model whose embedding keeps the trunk descriptor beside the trained one: --from NAME --name NEW"),
     "fusion": ("offline.fusion", "category fusion: classifier alone, vote alone, fused; chosen on folds: --data DIR --split NAME"),
     "calibrate": ("offline.calibrate", "routing gate, no-match threshold, multi-object mosaics: --data DIR --split NAME"),
     "tune": ("offline.tune", "the ImageNet model's pooling / scale / crop grid"),

@@ -298,6 +298,10 @@ def run_training(args: argparse.Namespace) -> int:
 
             entry, init_path = ModelRegistry(args.model_dir).resolve("" if args.init == "active" else args.init)
             init_source = entry.model_id
+            if entry.pooling.get("type") == "gem+gap":
+                print(f"note: {entry.name} is a derived model (offline.training.descriptor): training starts from its "
+                      "trunk and projection head and exports a plain embedding; re-derive it with `python -m offline "
+                      f"descriptor --from NEW --name NEW-t --pca 128` to serve the trunk descriptor beside it", flush=True)
         else:
             init_source = str(init_path)
         if init_path.suffix != ".pt":

@@ -1,8 +1,9 @@
 """Quality gate: the production ingest + query code on the val split must keep the numbers reached
 (`make eval`, README), minus a margin of ~0.03 for platform noise, so a regression fails CI.
 
-The shipped (active) model is checked on every task; the ImageNet model, still selectable, is checked
-on photo→catalog in the fast suite and on everything in the slow one (its multi-scale, cropped
+The shipped (active) model is checked on every task; the ImageNet model and the trunk-descriptor model
+(``lite0-grocery-v2t-s224``), still selectable, are checked on photo→catalog in the fast suite and on
+everything in the slow one (its multi-scale, cropped
 gallery of 2,640 photos takes minutes on 2 cores)."""
 
 import json
@@ -28,6 +29,11 @@ FLOORS = {
     "lite0-grocery-v2-s224": {
         "photo_to_catalog.recall@1": 0.83, "photo_to_catalog.recall@5": 0.93,
         "photo_to_photo.recall@1": 0.83, "coarse_accuracy": 0.89,
+    },
+    # the shipped model + its trunk descriptor (offline.training.descriptor), selectable, not active
+    "lite0-grocery-v2t-s224": {
+        "photo_to_catalog.recall@1": 0.81, "photo_to_catalog.recall@5": 0.93,
+        "photo_to_photo.recall@1": 0.82, "coarse_accuracy": 0.89,
     },
     "lite0-grocery-v2": {
         "photo_to_catalog.recall@1": 0.79, "photo_to_catalog.recall@5": 0.91,
@@ -63,6 +69,15 @@ def test_shipped_model_val_metrics_hold(model_dir, tmp_path):
 
 def test_imagenet_photo_to_catalog_holds(model_dir, tmp_path):
     _check("lite0-imagenet", model_dir, tmp_path, photo_to_photo=False)
+
+
+def test_trunk_descriptor_model_photo_to_catalog_holds(model_dir, tmp_path):
+    _check("lite0-grocery-v2t-s224", model_dir, tmp_path, photo_to_photo=False)
+
+
+@pytest.mark.slow
+def test_trunk_descriptor_model_all_val_metrics_hold(model_dir, tmp_path):
+    _check("lite0-grocery-v2t-s224", model_dir, tmp_path, photo_to_photo=True)
 
 
 @pytest.mark.slow
