@@ -99,7 +99,9 @@ def throughput(pipe: VisionPipeline, images, batches: list[int], threads: int) -
     entry = pipe.entry
     x = preprocess(images, entry.preprocessing)
     with contextlib.redirect_stdout(io.StringIO()):
-        model = LiteBackbone(pooling=entry.pooling["type"], gem_p=entry.pooling.get("p", 3.0))
+        # the same architecture in torch as a cost reference; a derived "gem+gap" head
+        # (offline.training.descriptor) costs what its "gem" part costs, within a pooling
+        model = LiteBackbone(pooling=entry.pooling["type"].split("+")[0], gem_p=entry.pooling.get("p", 3.0))
 
     def torch_fn(b: np.ndarray):
         with torch.inference_mode():
