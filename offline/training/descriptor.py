@@ -32,12 +32,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
 
 from offline.datasets import DEFAULT_DATA
-from offline.training.data import parse_class_spec, read_classes, read_split
+from offline.training.data import load_rgb, parse_class_spec, read_classes, read_split
 from offline.training.evaluate import EmbedFn, embed_paths, metrics_from_embeddings
 from vision.graph import INPUT_NAME, OUTPUT_COARSE, OUTPUT_EMBEDDING, OUTPUT_FEATURES
-from vision.registry import ModelEntry, ModelRegistry, sha256_file
+from vision.preprocess import preprocess
+from vision.registry import ModelEntry, ModelNotAvailable, ModelRegistry, sha256_file
 
 EPS = 1e-12
 MIN_COSINE = 0.9999
@@ -46,8 +50,6 @@ _BASE = "embedding_trained"  # the source graph's embedding, renamed inside the 
 
 def onnx_embed_fn(path: str | Path, *, threads: int = 0) -> EmbedFn:
     """(N, 3, H, W) -> (embedding, coarse logits) from an exported graph, for ``evaluate``."""
-    import onnxruntime as ort
-
     so = ort.SessionOptions()
     if threads:
         so.intra_op_num_threads = threads
@@ -88,9 +90,6 @@ def fit_pca(trunk_gap: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 def derive_graph(src: Path, dst: Path, *, weight: float, pca: tuple[np.ndarray, np.ndarray] | None = None) -> int:
     """Write the derived graph (module doc) to ``dst``; returns its embedding dimension."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
     model = onnx.load(str(src))
     g = model.graph
     outputs = [o.name for o in g.output]
@@ -100,8 +99,6 @@ def derive_graph(src: Path, dst: Path, *, weight: float, pca: tuple[np.ndarray, 
         raise ValueError(f"{src} already holds a trunk concatenation")
     emb_out = g.output[1]
     # the exporter leaves the embedding's width symbolic; ONNX Runtime's shape inference resolves it
-    import onnxruntime as ort
-
     shapes = {o.name: o.shape for o in ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).get_outputs()}
     base_dim, feat_dim = shapes[OUTPUT_EMBEDDING][1], shapes[OUTPUT_FEATURES][1]
     if not isinstance(base_dim, int) or not isinstance(feat_dim, int):
@@ -147,11 +144,6 @@ def check_graph(src: Path, dst: Path, images: list[Path], cfg, *, weight: float,
                 pca: tuple[np.ndarray, np.ndarray] | None) -> dict:
     """Min cosine between the derived graph's embedding and ``trunk_concat`` of the source graph's
     outputs, and max |Δ| of the coarse logits, on real images."""
-    import onnxruntime as ort
-
-    from offline.training.data import load_rgb
-    from vision.preprocess import preprocess
-
     x = preprocess([load_rgb(p) for p in images], cfg)
     a = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
     b = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
@@ -163,11 +155,6 @@ def check_graph(src: Path, dst: Path, images: list[Path], cfg, *, weight: float,
 
 
 def trunk_gaps(path: Path, paths: list[Path], cfg, batch: int = 32) -> np.ndarray:
-    import onnxruntime as ort
-
-    from offline.training.data import load_rgb
-    from vision.preprocess import preprocess
-
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     out = [sess.run([OUTPUT_FEATURES], {INPUT_NAME: preprocess([load_rgb(p) for p in paths[i:i + batch]], cfg)})[0]
            .mean(axis=(2, 3)) for i in range(0, len(paths), batch)]
@@ -297,8 +284,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model-dir", default="models")
     ap.add_argument("--activate", action="store_true")
     args = ap.parse_args(argv)
-    from vision.registry import ModelNotAvailable
-
     try:
         entry = derive(source=args.source, name=args.name, weight=args.weight, pca_k=args.pca, data=args.data,
                        split=args.split, seen_spec=args.seen_classes, model_dir=args.model_dir, activate=args.activate)
