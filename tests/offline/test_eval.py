@@ -3,8 +3,8 @@
 
 The shipped (active) model is checked on every task; the ImageNet model and the trunk-descriptor model
 (``lite0-grocery-v2t-s224``), still selectable, are checked on photo→catalog in the fast suite and on
-everything in the slow one (its multi-scale, cropped
-gallery of 2,640 photos takes minutes on 2 cores)."""
+everything in the slow one (the ImageNet model's multi-scale, cropped gallery of 2,640 photos takes
+minutes on 2 cores)."""
 
 import json
 
