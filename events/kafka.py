@@ -6,6 +6,12 @@ Choices and their cost:
   reorder a partition's records. ``flush`` waits for every future and raises ``PublishError`` for
   any that failed, so callers only claim what the broker acknowledged.
 - Consumer ``enable_auto_commit=False``; offsets are committed synchronously and explicitly.
+- kafka-python 3.0.12 leaks sockets and threads on its failure paths, which ``filterwarnings =
+  error`` turns into a random later test's failure when the collector finds them; each is closed
+  here and shown in ``tests/events/test_kafka_clients.py``: a constructor whose bootstrap fails
+  keeps its network client (built through ``open_client``), a failed or cancelled connect keeps
+  its socket (patched on import), ``close()`` stops half-way when the broker is gone (producer:
+  its IO thread runs on; consumer: its network client stays open).
 - Short group timeouts by default (session 6 s, heartbeat 1 s): a kafka-python group join on Tansu
   takes about half the session timeout (≈23 s with the 45 s default, ≈3 s with 6 s, measured), and
   a crashed member holds its partitions until the session times out.
@@ -15,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
+from typing import TypeVar
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka import TopicPartition as KafkaTP
@@ -35,6 +42,72 @@ from events.bus import (
 )
 
 log = logging.getLogger(__name__)
+
+
+def _close_sockets_of_failed_connects() -> None:
+    """kafka-python 3.0.12 leaves the socket of a connect that fails (refused, timed out) or is
+    cancelled (its client closed mid-connect, when the kernel may already have connected it)
+    open for the garbage collector; this wraps the one coroutine that owns it to close it.
+    Applied once, on import (``tests/events/test_kafka_clients.py`` shows the leak without it)."""
+    from kafka.net.inet import KafkaNetSocket
+
+    original = KafkaNetSocket.sock_connect
+    if getattr(original, "closes_on_failure", False):
+        return
+
+    async def sock_connect(self, net, sock, sockaddr, timeout_at=None):
+        try:
+            return await original(self, net, sock, sockaddr, timeout_at=timeout_at)
+        except BaseException:  # incl. GeneratorExit: the connect's task was cancelled
+            sock.close()
+            raise
+
+    sock_connect.closes_on_failure = True  # type: ignore[attr-defined]
+    sock_connect.unpatched = original  # type: ignore[attr-defined]
+    KafkaNetSocket.sock_connect = sock_connect
+
+
+_close_sockets_of_failed_connects()
+
+C = TypeVar("C", KafkaAdminClient, KafkaConsumer, KafkaProducer)
+
+
+def open_client(cls: type[C], **config: object) -> C:
+    """``cls(**config)``, closing what a failed constructor leaves behind.
+
+    kafka-python's clients start their network client (an IO thread, a wake-up socket pair, a
+    connection to the bootstrap broker) before they bootstrap; when the bootstrap raises, nothing
+    closes it, and its sockets are only reclaimed whenever the garbage collector gets to them. The
+    constructors take the network client's factory (``kafka_client``), so this wraps it to keep a
+    handle on what was built and closes that when the constructor raises."""
+    return _open(cls, config)[0]
+
+
+def _open(cls: type[C], config: dict[str, object]) -> tuple[C, list]:
+    """``open_client``, also returning the network clients built for it (to close them when the
+    client's own ``close`` stops half-way)."""
+    config = dict(config)
+    base = config.pop("kafka_client", None) or cls.DEFAULT_CONFIG["kafka_client"]
+    built: list = []
+
+    def factory(**kw: object):
+        client = base(**kw)
+        built.append(client)
+        return client
+
+    try:
+        return cls(kafka_client=factory, **config), built
+    except BaseException:
+        _close_network(built, cls.__name__)
+        raise
+
+
+def _close_network(built: list, owner: str) -> None:
+    for client in built:
+        try:
+            client.close()  # idempotent
+        except Exception:  # noqa: BLE001 - best effort: the caller's own error is the one that matters
+            log.debug("closing %s's network client failed", owner, exc_info=True)
 
 
 class KafkaSettings(BaseModel):
@@ -88,8 +161,9 @@ class KafkaEventProducer(EventProducer):
             max_in_flight_requests_per_connection=5 if s.enable_idempotence else 1,
         )
         config.update(overrides)
-        self._producer = KafkaProducer(**config)
+        self._producer = open_client(KafkaProducer, **config)
         self._futures: list = []
+        self._closed = False
 
     def publish(
         self, topic: str, key: str | bytes | None, value: bytes, headers: Headers | None = None
@@ -113,12 +187,26 @@ class KafkaEventProducer(EventProducer):
             first = errors[0]
             raise PublishError(f"{len(errors)} of {len(futures)} records not acknowledged: {first!r}")
 
-    def close(self) -> None:
+    def close(self, timeout: float = 5.0) -> None:
+        """Wait up to ``timeout`` for what is pending, then stop. Records still unacknowledged then
+        are dropped: their ``flush`` did not succeed, so no caller claimed them. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         try:
-            self._producer.flush(timeout=5)
+            self._producer.flush(timeout=timeout)
         except KafkaError:
             pass
-        self._producer.close(timeout=5)
+        try:
+            self._producer.close(timeout=timeout)
+        except KafkaError as e:
+            # kafka-python 3.0.12's close() flushes again and raises before it stops its IO thread
+            # (which would then run, holding its sockets, until the process exits).
+            log.warning("producer close: %s: %s; stopping it without the unacknowledged records",
+                        type(e).__name__, e)
+            sender = self._producer._sender
+            sender.force_close()
+            sender.join(timeout)
 
 
 class KafkaEventConsumer(EventConsumer):
@@ -148,18 +236,22 @@ class KafkaEventConsumer(EventConsumer):
             request_timeout_ms=max(s.request_timeout_ms, s.session_timeout_ms + 1000, s.fetch_max_wait_ms + 1000),
         )
         config.update(overrides)
-        self._consumer = KafkaConsumer(**config)
+        self._consumer, self._network = _open(KafkaConsumer, config)
         self.topics = list(topics)
-        if assign:
-            tps = []
-            for t in self.topics:
-                parts = self._consumer.partitions_for_topic(t) or set()
-                tps += [KafkaTP(t, p) for p in sorted(parts)]
-            if not tps:
-                raise ValueError(f"no partitions known for {self.topics}")
-            self._consumer.assign(tps)
-        else:
-            self._consumer.subscribe(self.topics)
+        try:
+            if assign:
+                tps = []
+                for t in self.topics:
+                    parts = self._consumer.partitions_for_topic(t) or set()
+                    tps += [KafkaTP(t, p) for p in sorted(parts)]
+                if not tps:
+                    raise ValueError(f"no partitions known for {self.topics}")
+                self._consumer.assign(tps)
+            else:
+                self._consumer.subscribe(self.topics)
+        except BaseException:
+            self.close()
+            raise
 
     def poll(self, max_records: int, timeout: float) -> list[Record]:
         batches = self._consumer.poll(timeout_ms=int(timeout * 1000), max_records=max_records)
@@ -202,12 +294,19 @@ class KafkaEventConsumer(EventConsumer):
         self._consumer.resume(*self._consumer.paused())
 
     def close(self) -> None:
-        self._consumer.close(autocommit=False)
+        """Leave the group (without committing). A broker that is gone cannot stop the close: the
+        network client is closed even when kafka-python's own close stops at the group leave."""
+        try:
+            self._consumer.close(autocommit=False)
+        except KafkaError as e:
+            log.warning("consumer close: %s: %s", type(e).__name__, e)
+        finally:
+            _close_network(self._network, "KafkaConsumer")
 
 
 def create_topics(settings: KafkaSettings, topics: Mapping[str, int]) -> list[str]:
     """Create missing topics (name → partitions); returns the ones created. Idempotent."""
-    admin = KafkaAdminClient(bootstrap_servers=settings.servers, client_id=f"{settings.client_id}-admin")
+    admin = open_client(KafkaAdminClient, bootstrap_servers=settings.servers, client_id=f"{settings.client_id}-admin")
     try:
         existing = set(admin.list_topics())
         new = [NewTopic(t, n, 1) for t, n in topics.items() if t not in existing]
@@ -239,4 +338,5 @@ __all__ = [
     "create_topics",
     "make_consumer",
     "make_producer",
+    "open_client",
 ]

@@ -119,6 +119,8 @@ class TansuBroker:
         """Healthy = a Kafka metadata request answers (not just an open port)."""
         from kafka import KafkaAdminClient
 
+        from events.kafka import open_client
+
         deadline = time.monotonic() + timeout
         last: Exception | None = None
         while time.monotonic() < deadline:
@@ -127,8 +129,9 @@ class TansuBroker:
             try:
                 with socket.create_connection((self.host, self.port), timeout=0.5):
                     pass
-                admin = KafkaAdminClient(
-                    bootstrap_servers=[self.bootstrap], request_timeout_ms=3000, bootstrap_timeout_ms=3000
+                admin = open_client(
+                    KafkaAdminClient, bootstrap_servers=[self.bootstrap], request_timeout_ms=3000,
+                    bootstrap_timeout_ms=3000,
                 )
                 try:
                     admin.list_topics()

@@ -320,10 +320,12 @@ class Outbox:
     def connect(self) -> None:
         from kafka import KafkaProducer
 
+        from events.kafka import open_client
+
         if self._producer is not None:
             self._producer.close(timeout=2)
-        self._producer = KafkaProducer(
-            bootstrap_servers=[self.bootstrap], client_id="tongkuan-drill-producer", acks="all",
+        self._producer = open_client(
+            KafkaProducer, bootstrap_servers=[self.bootstrap], client_id="tongkuan-drill-producer", acks="all",
             enable_idempotence=True, linger_ms=5, request_timeout_ms=10_000, delivery_timeout_ms=30_000,
             max_in_flight_requests_per_connection=5,
         )
@@ -365,8 +367,11 @@ class GroupView:
     def __init__(self, bootstrap: str, group_id: str) -> None:
         from kafka import KafkaConsumer
 
-        self.consumer = KafkaConsumer(bootstrap_servers=[bootstrap], group_id=group_id, enable_auto_commit=False,
-                                      client_id="tongkuan-drill-observer", request_timeout_ms=7000)
+        from events.kafka import open_client
+
+        self.consumer = open_client(KafkaConsumer, bootstrap_servers=[bootstrap], group_id=group_id,
+                                    enable_auto_commit=False, client_id="tongkuan-drill-observer",
+                                    request_timeout_ms=7000)
 
     def committed(self, partitions: Iterable[int] = ()) -> dict[int, int]:
         from kafka import TopicPartition
@@ -391,9 +396,10 @@ def read_dlq(bootstrap: str, settle_s: float = 1.5, timeout: float = 20.0) -> li
 
     from events.bus import Record
     from events.deadletter import read
+    from events.kafka import open_client
 
-    c = KafkaConsumer(bootstrap_servers=[bootstrap], group_id=None, enable_auto_commit=False,
-                      client_id="tongkuan-drill-dlq", auto_offset_reset="earliest")
+    c = open_client(KafkaConsumer, bootstrap_servers=[bootstrap], group_id=None, enable_auto_commit=False,
+                    client_id="tongkuan-drill-dlq", auto_offset_reset="earliest")
     try:
         tp = TopicPartition(DLQ_TOPIC, 0)
         c.assign([tp])

@@ -33,6 +33,7 @@ class Bus:
     memory: InMemoryBus | None = None
     settings: KafkaSettings | None = None
     producers: list[EventProducer] = field(default_factory=list)  # closed when the test ends
+    consumers: list[EventConsumer] = field(default_factory=list)  # likewise, if the test did not
 
     def new_topic(self, partitions: int = 3) -> str:
         name = unique("t")
@@ -52,7 +53,9 @@ class Bus:
     def consumer(self, topics: list[str], group: str, **kw: Any) -> EventConsumer:
         if self.memory is not None:
             return self.memory.consumer(topics, group)
-        return KafkaEventConsumer(topics, group, self.settings, **kw)
+        consumer = KafkaEventConsumer(topics, group, self.settings, **kw)
+        self.consumers.append(consumer)
+        return consumer
 
 
 @pytest.fixture(params=["memory", "kafka"])
@@ -62,8 +65,8 @@ def bus(request: pytest.FixtureRequest) -> Iterator[Bus]:
         return
     b = Bus("kafka", settings=request.getfixturevalue("kafka_settings"))
     yield b
-    for producer in b.producers:  # a second close is harmless (kafka-python: a no-op)
-        producer.close()
+    for client in [*b.consumers, *b.producers]:  # a second close is a no-op
+        client.close()
 
 
 def drain(consumer: EventConsumer, n: int, timeout: float = 15.0) -> list:
