@@ -1,12 +1,14 @@
-"""A kafka-python client whose construction fails leaves nothing open behind it (``open_client``).
+"""What kafka-python 3.0.12 leaves open on its failure paths, and that ``events.kafka`` closes it.
 
-kafka-python 3.0.12 starts a client's network layer (an IO thread, a wake-up socket pair, the
-bootstrap connection) before it bootstraps, and a failed bootstrap closes none of it: the sockets
-are reclaimed whenever the garbage collector gets to them, and under ``filterwarnings = error``
-that lands as an "unraisable" ResourceWarning in whichever test happens to be running then (a CI
-run failed that way in a feature-store test). A broker that accepts connections and never answers
-is the case: a broker still starting, or one too loaded to answer within the bootstrap timeout.
-"""
+An unclosed socket is reclaimed whenever the garbage collector gets to it, and under
+``filterwarnings = error`` that lands as an "unraisable" ResourceWarning in whichever test is
+running then (a CI run failed that way in a feature-store test). The classes (the first two with
+a control run of kafka-python alone):
+- a constructor whose bootstrap fails (a broker that accepts and never answers: still starting, or
+  too loaded) keeps its network client: IO thread, wake-up socket pair, connection (``open_client``);
+- a refused or cancelled connect keeps its socket (``sock_connect``, patched on import);
+- ``close()`` on a broker that is gone: the producer's IO thread runs on, the consumer's network
+  client stays open (the wrappers' ``close``)."""
 
 from __future__ import annotations
 
