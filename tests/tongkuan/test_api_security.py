@@ -8,6 +8,7 @@ line, no traceback) and the decode slots (503 + Retry-After when they stay busy)
 from __future__ import annotations
 
 import logging
+import re
 import select
 import socket
 import threading
@@ -368,7 +369,7 @@ def test_a_client_that_goes_away_mid_body_is_one_log_line_without_traceback(capl
     with serving(app) as port:
         with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
             sock.sendall(_head(port, 50_000) + b"\xff" * 1000)
-            time.sleep(0.2)  # the route is reading the body now
+            time.sleep(0.5)  # the route is reading the body now (usually: see the count below)
         deadline = time.monotonic() + 5
         while not any("went away" in r.getMessage() or r.exc_info for r in caplog.records):
             assert time.monotonic() < deadline, "the route never noticed the disconnect"
@@ -376,7 +377,11 @@ def test_a_client_that_goes_away_mid_body_is_one_log_line_without_traceback(capl
         time.sleep(0.2)  # anything the server logs after the route ended
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
     gone = [r for r in caplog.records if "went away" in r.getMessage()]
-    assert len(gone) == 1 and gone[0].levelno == logging.INFO and "after 1000 bytes" in gone[0].getMessage()
+    assert len(gone) == 1 and gone[0].levelno == logging.INFO
+    # 1000 when the route had read what was sent; 0 when the disconnect came first (a loaded CI
+    # machine): uvicorn then answers the route's first receive with the disconnect and drops the
+    # bytes it had buffered.
+    assert re.search(r"after (1000|0) bytes of the body$", gone[0].getMessage()), gone[0].getMessage()
     assert searcher.calls == 0
 
 
