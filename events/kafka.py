@@ -9,9 +9,10 @@ Choices and their cost:
 - kafka-python 3.0.12 leaks sockets and threads on its failure paths, which ``filterwarnings =
   error`` turns into a random later test's failure when the collector finds them; each is closed
   here and shown in ``tests/events/test_kafka_clients.py``: a constructor whose bootstrap fails
-  keeps its network client (built through ``open_client``), a failed or cancelled connect keeps
-  its socket (patched on import), ``close()`` stops half-way when the broker is gone (producer:
-  its IO thread runs on; consumer: its network client stays open).
+  keeps its network client (built through ``open_client``), a failed or cancelled connect and a
+  connection closed with a write still queued keep their sockets (patched on import), ``close()``
+  stops half-way when the broker is gone (producer: its IO thread runs on; consumer: its network
+  client stays open).
 - Short group timeouts by default (session 6 s, heartbeat 1 s): a kafka-python group join on Tansu
   takes about half the session timeout (≈23 s with the 45 s default, ≈3 s with 6 s, measured), and
   a crashed member holds its partitions until the session times out.
@@ -20,6 +21,7 @@ Choices and their cost:
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Iterable, Mapping
 from typing import TypeVar
 
@@ -44,30 +46,54 @@ from events.bus import (
 log = logging.getLogger(__name__)
 
 
-def _close_sockets_of_failed_connects() -> None:
-    """kafka-python 3.0.12 leaves the socket of a connect that fails (refused, timed out) or is
-    cancelled (its client closed mid-connect, when the kernel may already have connected it)
-    open for the garbage collector; this wraps the one coroutine that owns it to close it.
-    Applied once, on import (``tests/events/test_kafka_clients.py`` shows the leak without it)."""
-    from kafka.net.inet import KafkaNetSocket
+def _close_what_kafka_python_leaves() -> None:
+    """Two patches of kafka-python 3.0.12's network layer, applied once on import; each leaves a
+    socket open for the garbage collector (``tests/events/test_kafka_clients.py`` shows both,
+    with kafka-python's own code as the control):
 
-    original = KafkaNetSocket.sock_connect
-    if getattr(original, "closes_on_failure", False):
+    - a connect that fails (refused, timed out) or is cancelled (its client closed mid-connect,
+      when the kernel may already have connected it) keeps its socket: ``sock_connect`` now
+      closes it;
+    - a connection closed while a write is still queued leaves its socket to the writer, which
+      closes it once the queue drains; when the client's IO loop stops first (the client is
+      closing) that never happens: the loop's ``close`` now closes every socket still registered
+      with it once its own shutdown is done."""
+    from kafka.net.inet import KafkaNetSocket
+    from kafka.net.selector import NetworkSelector
+
+    connect = KafkaNetSocket.sock_connect
+    if getattr(connect, "closes_on_failure", False):
         return
 
     async def sock_connect(self, net, sock, sockaddr, timeout_at=None):
         try:
-            return await original(self, net, sock, sockaddr, timeout_at=timeout_at)
+            return await connect(self, net, sock, sockaddr, timeout_at=timeout_at)
         except BaseException:  # incl. GeneratorExit: the connect's task was cancelled
             sock.close()
             raise
 
     sock_connect.closes_on_failure = True  # type: ignore[attr-defined]
-    sock_connect.unpatched = original  # type: ignore[attr-defined]
+    sock_connect.unpatched = connect  # type: ignore[attr-defined]
     KafkaNetSocket.sock_connect = sock_connect
 
+    close = NetworkSelector.close
 
-_close_sockets_of_failed_connects()
+    def close_registered_sockets(self) -> None:
+        if self._closed:
+            return
+        if self._io_thread is not None:
+            self.stop()  # joins the IO thread: the registrations below are final
+        registered = [key.fileobj for key in self._selector.get_map().values()]
+        close(self)
+        for sock in registered:
+            if isinstance(sock, socket.socket) and sock.fileno() != -1:
+                sock.close()
+
+    close_registered_sockets.unpatched = close  # type: ignore[attr-defined]
+    NetworkSelector.close = close_registered_sockets
+
+
+_close_what_kafka_python_leaves()
 
 C = TypeVar("C", KafkaAdminClient, KafkaConsumer, KafkaProducer)
 

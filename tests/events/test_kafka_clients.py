@@ -7,6 +7,8 @@ a control run of kafka-python alone):
 - a constructor whose bootstrap fails (a broker that accepts and never answers: still starting, or
   too loaded) keeps its network client: IO thread, wake-up socket pair, connection (``open_client``);
 - a refused or cancelled connect keeps its socket (``sock_connect``, patched on import);
+- a connection closed with a write still queued leaves its socket to a writer that never runs once
+  the client's IO loop stops (the loop's ``close``, patched on import; a CI run failed on it);
 - ``close()`` on a broker that is gone: the producer's IO thread runs on, the consumer's network
   client stays open (the wrappers' ``close``)."""
 
@@ -223,3 +225,23 @@ def test_a_refused_connect_closes_its_socket(caplog) -> None:
         port = s.getsockname()[1]  # closed again: nothing listens there
     config = dict(bootstrap_servers=[f"127.0.0.1:{port}"], **QUICK, **EXTRA[KafkaProducer])
     assert left_behind(lambda: open_client(KafkaProducer, **config)) == ([], 0)
+
+
+@pytest.mark.integration
+def test_a_connection_closed_with_a_write_queued_closes_its_socket(vanishing_broker) -> None:
+    """The race a loaded machine runs into: the group leave (or any request) is still queued on a
+    connection when the consumer closes. kafka-python leaves such a socket to its writer, which
+    would close it once the queue drains, but the IO loop stops first."""
+    from tests.conftest import TEST_KAFKA
+
+    consumer = KafkaEventConsumer(["t"], unique("g"), vanishing_broker.kafka_settings(**TEST_KAFKA))
+    deadline = time.monotonic() + 15
+    while not consumer.assignment() and time.monotonic() < deadline:
+        consumer.poll(10, timeout=0.2)
+    conns = list(consumer._consumer._client._manager._conns.values())
+    assert len(conns) >= 2  # the partition leader's and the group coordinator's
+    socks = [c.transport._sock for c in conns]
+    for c in conns:  # a write that no writer is scheduled to send: the race, made certain
+        c.transport._write_buffer.append(memoryview(b"\0"))
+    consumer.close()
+    assert [s.fileno() for s in socks] == [-1] * len(socks)
