@@ -48,8 +48,8 @@ log = logging.getLogger(__name__)
 
 def _close_what_kafka_python_leaves() -> None:
     """Two patches of kafka-python 3.0.12's network layer, applied once on import; each leaves a
-    socket open for the garbage collector (``tests/events/test_kafka_clients.py`` shows both,
-    with kafka-python's own code as the control):
+    socket open for the garbage collector (``tests/events/test_kafka_clients.py`` has a test for
+    each, the first also run on kafka-python's own code as a control):
 
     - a connect that fails (refused, timed out) or is cancelled (its client closed mid-connect,
       when the kernel may already have connected it) keeps its socket: ``sock_connect`` now
